@@ -1,0 +1,334 @@
+"""Typed configuration: the one schema, config files, command-line overrides and validation.
+
+The dataclasses below are the only place a setting and its default are declared. Config files
+(`configs/*.py`, ml-collections style as in big_vision) start from `base_config()` and change only
+what differs; `--config.section.key=value` overrides any key; `resolve()` turns the result into a
+frozen, validated `Config`. Every mistake raises `ConfigError` with a one-line message naming the
+key and what is allowed, before any compute or any write.
+"""
+
+import dataclasses
+import importlib.resources
+import importlib.util
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+PLACEMENTS = ("pre", "post", "peri", "output")
+NORM_TYPES = ("rmsnorm", "layernorm")
+QK_NORMS = ("none", "per_head", "full")
+DTYPES = ("auto", "float32", "bfloat16")
+PARAM_DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "linear", "constant")
+DATA_SOURCES = ("stdlib", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line and names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only LM shape and the LayerNorm placement (docs/ln_variants.md)."""
+
+    vocab_size: int = 32000
+    num_layers: int = 12
+    d_model: int = 768
+    num_heads: int = 12
+    num_kv_heads: int | None = None  # None: = num_heads (no grouped-query attention)
+    head_dim: int | None = None  # None: = d_model // num_heads
+    d_ff: int = 2048  # hidden width of the SwiGLU MLP
+    ln_placement: str = "pre"  # pre | post | peri | output
+    norm_type: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-6
+    learnable_norm_scale: bool = True  # False: every norm has a fixed scale of 1
+    embed_norm: bool = False  # normalize the token embeddings before the first block
+    qk_norm: str = "none"  # none | per_head (Gemma 3) | full (OLMo 2), RMSNorm before RoPE
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    depth_scaled_init: bool = False  # output projections use init_std / sqrt(2 * num_layers)
+    dtype: str = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
+    param_dtype: str = "float32"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def final_norm(self) -> bool:
+        """Post-LN's last block already ends in a norm; every other placement adds one."""
+        return self.ln_placement != "post"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from (docs/configs.md); the full pipeline lives in perijax.data."""
+
+    source: str = "stdlib"  # stdlib: the interpreter's own .py files (no download) | synthetic
+    seq_len: int = 128
+    cache_dir: str = ""  # "": $PERIJAX_CACHE, else ~/.cache/perijax
+    val_fraction: float = 0.05
+    num_threads: int = 2
+    prefetch: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup and a decay schedule, global-norm clipping (perijax/optim.py)."""
+
+    lr: float = 3e-4
+    schedule: str = "cosine"  # cosine | linear | constant (after linear warmup)
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # None: = train.total_steps
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norm scales and biases
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps, batch, logging and evaluation cadence."""
+
+    seed: int = 0
+    total_steps: int = 1000
+    global_batch_size: int = 32  # sequences per optimizer step, over all devices and micro-batches
+    grad_accum_steps: int = 1
+    log_every_steps: int = 10
+    eval_every_steps: int = 200  # 0: evaluate only at the end
+    eval_batches: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key with its default, as a ConfigDict for config files to edit."""
+    return ml_collections.ConfigDict(dataclasses.asdict(Config()))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------------------------------- typing
+def _allowed_types(section: type, key: str) -> tuple[type, ...]:
+    hint = typing.get_type_hints(section)[key]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _check_type(path: str, value: Any, allowed: tuple[type, ...]) -> Any:
+    """Returns value (ints widened to float where a float is expected) or raises ConfigError."""
+    for t in allowed:
+        if t is type(None) and value is None:
+            return None
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"config key '{path}' must be {names}, got {value!r}")
+
+
+def _parse_text(path: str, text: str, allowed: tuple[type, ...]) -> Any:
+    """Parses a command-line value by the key's declared type."""
+    if type(None) in allowed and text.lower() in ("none", "null"):
+        return None
+    for t in allowed:
+        try:
+            if t is bool:
+                if text.lower() in ("true", "1", "yes"):
+                    return True
+                if text.lower() in ("false", "0", "no"):
+                    return False
+            elif t is int:
+                return int(text.replace("_", ""))
+            elif t is float:
+                return float(text)
+            elif t is str:
+                return text
+        except ValueError:
+            continue
+    names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"config key '{path}' must be {names}, got {text!r}")
+
+
+def _unknown_key(path: str, known: list[str]) -> ConfigError:
+    return ConfigError(f"unknown config key '{path}': expected one of {', '.join(sorted(known))}")
+
+
+# -------------------------------------------------------------------------------- files, args
+def parse_config_arg(arg: str | None, **defaults: Any) -> types.SimpleNamespace:
+    """Parses a config-file argument `k=v,k2=v2` against typed defaults (big_vision style)."""
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, text = item.partition("=")
+        if not sep or key not in defaults:
+            raise ConfigError(
+                f"bad config argument {item!r}: expected key=value with key in "
+                f"{', '.join(sorted(defaults)) or '(none)'}"
+            )
+        values[key] = _parse_text(key, text, (type(defaults[key]),))
+    return types.SimpleNamespace(**values)
+
+
+def _find_config_file(path: str) -> Path:
+    file = Path(path)
+    if file.is_file():
+        return file
+    # Configs ship inside the package too, so `--config configs/paper.py` works from any
+    # directory after a plain (non-editable) install.
+    if file.parent.name == "configs" or str(file.parent) == ".":
+        packaged = Path(str(importlib.resources.files("perijax.configs"))) / file.name
+        if packaged.is_file():
+            return packaged
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]` and calls its `get_config(arg)` (or `get_config()`)."""
+    path, _, arg = spec.partition(":")
+    file = _find_config_file(path)
+    module_spec = importlib.util.spec_from_file_location(f"perijax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:  # a config file is user code: report where it failed, in one line
+        raise ConfigError(f"cannot load config file {path}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def apply_override(cd: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Applies one `--config.section.key=value` to a ConfigDict, typed by the schema."""
+    parts = dotted.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        if parts[0] in SECTIONS:
+            known = [f"{parts[0]}.{f.name}" for f in dataclasses.fields(SECTIONS[parts[0]])]
+        else:
+            known = list(SECTIONS)
+        raise _unknown_key(dotted, known)
+    section, key = parts
+    names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if key not in names:
+        raise _unknown_key(dotted, [f"{section}.{n}" for n in names])
+    value = _parse_text(dotted, text, _allowed_types(SECTIONS[section], key))
+    with cd.unlocked():
+        cd[section][key] = value
+
+
+# ---------------------------------------------------------------------------------- resolve
+def resolve(cd: ml_collections.ConfigDict | dict) -> Config:
+    """ConfigDict -> frozen Config; rejects unknown keys, wrong types and invalid values."""
+    raw = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+    for section in raw:
+        if section not in SECTIONS:
+            raise _unknown_key(section, list(SECTIONS))
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = dict(raw.get(name) or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                raise _unknown_key(f"{name}.{key}", [f"{name}.{n}" for n in names])
+        typed = {
+            k: _check_type(f"{name}.{k}", v, _allowed_types(cls, k)) for k, v in values.items()
+        }
+        sections[name] = cls(**typed)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(
+        value in allowed, f"{path}={value!r} is not valid: expected one of {', '.join(allowed)}"
+    )
+
+
+def _positive(cfg: Any, section: str, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        _require(value is None or value > 0, f"{section}.{key} must be > 0, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    _one_of("model.ln_placement", m.ln_placement, PLACEMENTS)
+    _one_of("model.norm_type", m.norm_type, NORM_TYPES)
+    _one_of("model.qk_norm", m.qk_norm, QK_NORMS)
+    _one_of("model.dtype", m.dtype, DTYPES)
+    _one_of("model.param_dtype", m.param_dtype, PARAM_DTYPES)
+    _positive(m, "model", "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads")
+    _positive(m, "model", "head_dim", "d_ff", "norm_eps", "rope_theta", "init_std")
+    if m.head_dim is None:
+        _require(
+            m.d_model % m.num_heads == 0,
+            f"model.num_heads={m.num_heads} must divide model.d_model={m.d_model} "
+            "(or set model.head_dim)",
+        )
+    _require(
+        m.num_heads % m.kv_heads == 0,
+        f"model.num_kv_heads={m.kv_heads} must divide model.num_heads={m.num_heads}",
+    )
+    _require(m.dim_per_head % 2 == 0, f"head dimension {m.dim_per_head} must be even for RoPE")
+
+    _one_of("data.source", d.source, DATA_SOURCES)
+    _positive(d, "data", "seq_len", "num_threads", "prefetch")
+    _require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    _positive(o, "optim", "lr", "decay_steps", "eps")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _require(
+        0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}"
+    )
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _require(o.grad_clip_norm >= 0, f"optim.grad_clip_norm must be >= 0, got {o.grad_clip_norm}")
+
+    _positive(t, "train", "total_steps", "global_batch_size", "grad_accum_steps")
+    _positive(t, "train", "log_every_steps", "eval_batches")
+    _require(
+        t.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0, got {t.eval_every_steps}"
+    )
+    _require(
+        t.global_batch_size % t.grad_accum_steps == 0,
+        f"train.grad_accum_steps={t.grad_accum_steps} must divide "
+        f"train.global_batch_size={t.global_batch_size}",
+    )
+    _require(math.isfinite(o.lr), f"optim.lr must be finite, got {o.lr}")

@@ -1,0 +1,130 @@
+"""Config files, command-line overrides, validation errors and the shipped presets."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perijax import cli
+from perijax import config as config_lib
+from perijax.config import ConfigError
+from perijax.model import count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
+
+
+def build(spec: str, *overrides: tuple[str, str]) -> config_lib.Config:
+    return cli._build_config(spec, list(overrides))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_resolves(name):
+    cfg = build(str(ROOT / "configs" / name))
+    assert cfg.model.num_layers > 0
+
+
+def test_overrides_are_typed_by_the_schema():
+    cfg = build(
+        "configs/tiny.py",
+        ("model.ln_placement", "pre"),
+        ("optim.lr", "2e-3"),
+        ("model.num_kv_heads", "2"),
+        ("model.embed_norm", "true"),
+        ("optim.decay_steps", "none"),
+        ("optim.min_lr_ratio", "0"),
+    )
+    assert cfg.model.ln_placement == "pre"
+    assert cfg.optim.lr == 2e-3
+    assert cfg.model.num_kv_heads == 2 and cfg.model.embed_norm is True
+    assert cfg.optim.decay_steps is None
+    assert cfg.optim.min_lr_ratio == 0.0 and isinstance(cfg.optim.min_lr_ratio, float)
+
+
+def test_packaged_configs_are_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert build("configs/paper.py:size=1.5b").model.d_model == 2048
+
+
+TINY = "configs/tiny.py"
+
+
+@pytest.mark.parametrize(
+    "spec, overrides, pattern",
+    [
+        (TINY, [("model.foo", "1")], r"unknown config key 'model.foo'.*model.d_model"),
+        (TINY, [("modle.d_model", "1")], r"unknown config key 'modle.d_model'.*model"),
+        (TINY, [("model.d_model", "big")], r"'model.d_model' must be int, got 'big'"),
+        (TINY, [("model.embed_norm", "maybe")], r"'model.embed_norm' must be bool"),
+        (TINY, [("model.ln_placement", "sandwich")], r"'sandwich'.*pre, post, peri, output"),
+        (TINY, [("model.num_heads", "3")], r"num_heads=3 must divide model.d_model=128"),
+        (TINY, [("model.num_kv_heads", "3")], r"num_kv_heads=3 must divide model.num_heads=4"),
+        (TINY, [("train.grad_accum_steps", "5")], r"grad_accum_steps=5 must divide"),
+        ("configs/nope.py", [], r"config file not found: configs/nope.py"),
+        ("configs/paper.py:size=7b", [], r"size='7b' is not valid: expected one of 400m, 1.5b"),
+        ("configs/paper.py:sise=1.5b", [], r"bad config argument 'sise=1.5b'"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, capsys, spec, overrides, pattern):
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", spec, "--workdir", str(workdir)]
+    argv += [f"--config.{k}={v}" for k, v in overrides]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("perijax: error: ")
+    assert re.search(pattern, err), err
+    assert not workdir.exists()
+
+
+def test_bad_input_from_the_real_command_has_no_traceback(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "perijax.cli", "train", "--workdir", str(workdir),
+         "--config.model.ln_placement=sandwich"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "perijax: error: model.ln_placement='sandwich' is not valid: "
+        "expected one of pre, post, peri, output"
+    ]
+    assert not workdir.exists()
+
+
+def test_resolve_rejects_unknown_keys_in_config_files():
+    cd = config_lib.base_config()
+    with cd.unlocked():
+        cd.train.steps = 5
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.steps'"):
+        config_lib.resolve(cd)
+
+
+def documented_counts() -> dict[str, int]:
+    """Parameter counts from the presets table in docs/configs.md."""
+    text = (ROOT / "docs" / "configs.md").read_text()
+    rows = re.findall(r"^\|\s*`([^`]+)`\s*\|.*\|\s*([\d,]+)\s*\|\s*$", text, flags=re.M)
+    return {name: int(count.replace(",", "")) for name, count in rows}
+
+
+PRESETS = {
+    "paper.py:size=400m": 400e6,
+    "paper.py:size=1.5b": 1.5e9,
+    "paper.py:size=3.2b": 3.2e9,
+    "small.py": 25e6,
+    "tiny.py": None,
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_build_abstractly_and_match_documented_counts(preset):
+    """eval_shape builds every preset (3.2B included) without allocating; its count is the one
+    docs/configs.md documents and within 5% of the size in the name."""
+    cfg = build(f"configs/{preset}")
+    total = count_params(cfg.model)["total"]
+    assert documented_counts()[f"configs/{preset}"] == total
+    if PRESETS[preset]:
+        assert abs(total - PRESETS[preset]) / PRESETS[preset] < 0.05
