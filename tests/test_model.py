@@ -1,0 +1,273 @@
+"""The model against an independent NumPy forward pass: every placement and norm type computes
+exactly its equation (PAPER.md), and creates exactly the norms it needs."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from perijax.config import ModelConfig
+from perijax.model import Block, Transformer, count_params
+
+PLACEMENTS = ["pre", "post", "peri", "output"]
+
+
+# ----------------------------------------------------------------------- NumPy reference (f64)
+def np_norm(x, scale, bias, kind, eps):
+    x = x.astype(np.float64)
+    if kind == "layernorm":
+        x = x - x.mean(-1, keepdims=True)
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def np_rope(x, theta):
+    """x: [T, N, Dh]; rotates pairs (i, i + Dh/2)."""
+    t, _, dh = x.shape
+    half = dh // 2
+    inv = theta ** (-np.arange(half) / half)
+    ang = np.arange(t)[:, None] * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def np_attention(x, w, cfg):
+    """x: [T, D] (one sequence)."""
+    h, k, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    t = x.shape[0]
+    q = np.einsum("td,dhk->thk", x, w["wq"])
+    kk = np.einsum("td,dhk->thk", x, w["wk"])
+    v = np.einsum("td,dhk->thk", x, w["wv"])
+    if cfg.qk_norm == "per_head":
+        q = np_norm(q, w.get("q_scale"), None, "rmsnorm", cfg.norm_eps)
+        kk = np_norm(kk, w.get("k_scale"), None, "rmsnorm", cfg.norm_eps)
+    elif cfg.qk_norm == "full":
+        q = np_norm(q.reshape(t, -1), w.get("q_scale"), None, "rmsnorm", cfg.norm_eps)
+        kk = np_norm(kk.reshape(t, -1), w.get("k_scale"), None, "rmsnorm", cfg.norm_eps)
+        q, kk = q.reshape(t, h, dh), kk.reshape(t, k, dh)
+    q, kk = np_rope(q, cfg.rope_theta), np_rope(kk, cfg.rope_theta)
+    out = np.zeros((t, h, dh))
+    for head in range(h):
+        kv = head // (h // k)  # query head -> kv head
+        s = q[:, head] @ kk[:, kv].T / math.sqrt(dh)
+        s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, head] = p @ v[:, kv]
+    return np.einsum("thk,hkd->td", out, w["wo"])
+
+
+def np_mlp(x, w):
+    g = x @ w["w_gate"]
+    return (g / (1 + np.exp(-g)) * (x @ w["w_up"])) @ w["w_down"]
+
+
+def np_block(x, w, cfg):
+    """The four equations of PAPER.md, written independently of perijax.norms."""
+
+    def norm(name):
+        return lambda y: np_norm(
+            y, w.get(f"{name}/scale"), w.get(f"{name}/bias"), cfg.norm_type, cfg.norm_eps
+        )
+
+    attn = lambda y: np_attention(y, w["attn"], cfg)  # noqa: E731
+    mlp = lambda y: np_mlp(y, w["mlp"])  # noqa: E731
+    for sub, f in (("attn", attn), ("mlp", mlp)):
+        if cfg.ln_placement == "pre":
+            x = x + f(norm(f"{sub}_input_norm")(x))
+        elif cfg.ln_placement == "post":
+            x = norm(f"{sub}_residual_norm")(x + f(x))
+        elif cfg.ln_placement == "peri":
+            x = x + norm(f"{sub}_output_norm")(f(norm(f"{sub}_input_norm")(x)))
+        elif cfg.ln_placement == "output":
+            x = x + norm(f"{sub}_output_norm")(f(x))
+    return x
+
+
+def weights(module) -> dict:
+    """Flat {path: float64 array} of a module's parameters, plus attn/mlp sub-dicts."""
+    flat = {
+        "/".join(map(str, path)): np.asarray(v[...], np.float64)
+        for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
+    }
+    return flat
+
+
+def param_paths(cfg: ModelConfig) -> set[str]:
+    """Parameter paths of the abstract model (nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    return {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+
+
+def block_weights(flat: dict, prefix: str = "") -> dict:
+    w = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    w["attn"] = {
+        k.split("/")[1]: v for k, v in w.items() if k.startswith("attn/") and "norm" not in k
+    }
+    w["attn"]["q_scale"] = w.get("attn/q_norm/scale")
+    w["attn"]["k_scale"] = w.get("attn/k_norm/scale")
+    w["mlp"] = {k.split("/")[1]: v for k, v in w.items() if k.startswith("mlp/")}
+    return w
+
+
+def randomize_norms(module, seed: int) -> None:
+    """Norm scales/biases start at 1/0; perturb them so a swapped norm cannot go unnoticed."""
+    rng = np.random.default_rng(seed)
+    for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        if any(str(p).endswith("norm") for p in path):
+            v[...] = jnp.asarray(v[...] + 0.3 * rng.standard_normal(v.shape), v.dtype)
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(
+        vocab_size=61, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=48,
+        norm_eps=1e-5, init_std=0.2, dtype="float32",
+    )  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# --------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_block_matches_numpy_equation(placement, norm_type):
+    cfg = small_cfg(ln_placement=placement, norm_type=norm_type)
+    block = Block(cfg, rngs=nnx.Rngs(3))
+    randomize_norms(block, 4)
+    x = np.random.default_rng(0).standard_normal((2, 7, cfg.d_model)).astype(np.float32) * 2.0
+    got = np.asarray(block(jnp.asarray(x), jnp.arange(7)))
+    w = block_weights(weights(block))
+    want = np.stack([np_block(x[b].astype(np.float64), w, cfg) for b in range(2)])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("qk_norm", ["per_head", "full"])
+def test_qk_norm_matches_numpy(qk_norm):
+    cfg = small_cfg(ln_placement="peri", qk_norm=qk_norm)
+    block = Block(cfg, rngs=nnx.Rngs(5))
+    randomize_norms(block, 6)
+    x = np.random.default_rng(1).standard_normal((1, 9, cfg.d_model)).astype(np.float32)
+    got = np.asarray(block(jnp.asarray(x), jnp.arange(9)))
+    want = np_block(x[0].astype(np.float64), block_weights(weights(block)), cfg)
+    np.testing.assert_allclose(got[0], want, atol=1e-5, rtol=0)
+    expected = {"per_head": (cfg.dim_per_head,), "full": (cfg.num_heads * cfg.dim_per_head,)}
+    assert block.attn.q_norm.scale.shape == expected[qk_norm]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_transformer_matches_numpy(placement):
+    """Embedding, optional embedding norm, blocks, final-norm rule and tied head together."""
+    cfg = small_cfg(ln_placement=placement, embed_norm=True, tie_embeddings=True)
+    model = Transformer(cfg, rngs=nnx.Rngs(7))
+    randomize_norms(model, 8)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 6))
+    got = np.asarray(model(jnp.asarray(tokens)))
+    flat = weights(model)
+    x = flat["embed"][tokens[0]]
+    x = np_norm(x, flat["embed_norm/scale"], None, "rmsnorm", cfg.norm_eps)
+    for layer in range(cfg.num_layers):
+        x = np_block(x, block_weights(flat, f"blocks/{layer}/"), cfg)
+    if placement != "post":
+        x = np_norm(x, flat["final_norm/scale"], None, "rmsnorm", cfg.norm_eps)
+    else:
+        assert "final_norm/scale" not in flat
+    np.testing.assert_allclose(got[0], x @ flat["embed"].T, atol=1e-5, rtol=0)
+
+
+EXPECTED_BLOCK_NORMS = {
+    "pre": {"attn_input_norm", "mlp_input_norm"},
+    "post": {"attn_residual_norm", "mlp_residual_norm"},
+    "peri": {"attn_input_norm", "attn_output_norm", "mlp_input_norm", "mlp_output_norm"},
+    "output": {"attn_output_norm", "mlp_output_norm"},
+}
+
+
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_parameter_tree_has_exactly_the_placement_norms(placement, norm_type):
+    cfg = small_cfg(ln_placement=placement, norm_type=norm_type)
+    paths = param_paths(cfg)
+    norm_params = {p for p in paths if "norm" in p}
+    leaves = {"scale", "bias"} if norm_type == "layernorm" else {"scale"}
+    expected = {
+        f"blocks/{layer}/{name}/{leaf}"
+        for layer in range(cfg.num_layers)
+        for name in EXPECTED_BLOCK_NORMS[placement]
+        for leaf in leaves
+    }
+    if placement != "post":
+        expected |= {f"final_norm/{leaf}" for leaf in leaves}
+    assert norm_params == expected
+    assert {p for p in paths if "norm" not in p} == {"embed", "lm_head"} | {
+        f"blocks/{layer}/{name}"
+        for layer in range(cfg.num_layers)
+        for name in (
+            "attn/wq",
+            "attn/wk",
+            "attn/wv",
+            "attn/wo",
+            "mlp/w_gate",
+            "mlp/w_up",
+            "mlp/w_down",
+        )
+    }
+
+
+def test_frozen_norm_scale_has_no_parameters():
+    cfg = small_cfg(ln_placement="peri", learnable_norm_scale=False)
+    paths = param_paths(cfg)
+    assert not [p for p in paths if "norm" in p]
+    block = Block(cfg, rngs=nnx.Rngs(1))
+    x = np.random.default_rng(3).standard_normal((1, 5, cfg.d_model)).astype(np.float32)
+    want = np_block(x[0].astype(np.float64), block_weights(weights(block)), cfg)
+    np.testing.assert_allclose(np.asarray(block(jnp.asarray(x), jnp.arange(5)))[0], want, atol=1e-5)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    cfg = small_cfg(ln_placement="peri")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    a = jnp.asarray([[1, 2, 3, 4, 5, 6]])
+    b = a.at[0, 4:].set(9)
+    np.testing.assert_allclose(model(a)[0, :4], model(b)[0, :4], atol=1e-6)
+
+
+def test_norm_statistics_in_float32_under_bfloat16():
+    """In bfloat16 compute the norm output equals the float32 norm rounded once to bfloat16."""
+    from perijax.norms import Norm
+
+    norm = Norm(64)
+    x = (np.random.default_rng(0).standard_normal((4, 64)) * 300).astype(np.float32)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    got = norm(xb)
+    assert got.dtype == jnp.bfloat16
+    want = np_norm(np.asarray(xb, np.float64), None, None, "rmsnorm", 1e-6)
+    np.testing.assert_array_equal(
+        np.asarray(got), np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16))
+    )
+
+
+def test_depth_scaled_init_shrinks_output_projections():
+    cfg = small_cfg(num_layers=8, d_model=64, d_ff=256, init_std=0.02, depth_scaled_init=True)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    std = lambda a: float(jnp.std(a[...]))  # noqa: E731
+    target = 0.02 / math.sqrt(16)
+    assert abs(std(model.blocks[0].mlp.w_down) - target) / target < 0.1
+    assert abs(std(model.blocks[0].attn.wo) - target) / target < 0.1
+    assert abs(std(model.blocks[0].mlp.w_up) - 0.02) / 0.02 < 0.1
+
+
+def test_count_params_matches_materialized_model():
+    cfg = small_cfg(ln_placement="peri", qk_norm="full")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    counts = count_params(cfg)
+    assert counts["total"] == n
+    assert counts["embedding"] == 2 * cfg.vocab_size * cfg.d_model
