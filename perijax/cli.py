@@ -1,0 +1,123 @@
+"""The `perijax` command. Subcommands are thin: they parse arguments, resolve the config and call
+the library (`perijax.train.train`, ...).
+
+    perijax train [--config FILE[:ARG]] [--workdir DIR] [--config.SECTION.KEY=VALUE ...]
+
+Errors in the user's input print one line to stderr and exit with status 2, before anything is
+computed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/tiny.py"
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"perijax: error: {message}", file=sys.stderr)
+    return code
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config.") :].partition("=")
+            if not sep:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"--config.{key} needs a value: --config.{key}=VALUE")
+                value, i = argv[i + 1], i + 1
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _build_config(spec: str, overrides: list[tuple[str, str]]):
+    from perijax import config as config_lib
+
+    cd = config_lib.load_config_file(spec)
+    for key, value in overrides:
+        config_lib.apply_override(cd, key, value)
+    return config_lib.resolve(cd)
+
+
+def _default_workdir(spec: str) -> str:
+    name = Path(spec.partition(":")[0]).stem
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from perijax.config import ConfigError
+
+    try:
+        cfg = _build_config(args.config, overrides)
+        workdir = args.workdir or _default_workdir(args.config)
+        if Path(workdir).exists() and not Path(workdir).is_dir():
+            raise ConfigError(f"--workdir {workdir} exists and is not a directory")
+        from perijax import train as train_lib
+
+        data = train_lib.load_data(cfg)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(f"workdir: {workdir}", flush=True)
+    try:
+        train_lib.train(cfg, workdir, data=data, log=lambda s: print(s, flush=True))
+    except ConfigError as e:
+        return _fail(str(e))
+    except train_lib.TrainingDiverged as e:
+        return _fail(f"training diverged: {e}", code=3)
+    except KeyboardInterrupt:
+        return _fail("interrupted", code=130)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="perijax",
+        description="Pretrain decoder-only LMs with the LayerNorm placement as a setting.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model. Any config key can be overridden with "
+        "--config.SECTION.KEY=VALUE (e.g. --config.model.ln_placement=peri).",
+    )
+    train.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        metavar="FILE[:ARG]",
+        help=f"config file and optional argument (default: {DEFAULT_CONFIG})",
+    )
+    train.add_argument("--workdir", help="output directory (default: runs/<config>-<time>)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = _split_overrides(argv)
+    except ValueError as e:
+        return _fail(str(e))
+    parser = build_parser()
+    args = parser.parse_args(rest or ["train"])
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "train":
+        return cmd_train(args, overrides)
+    return _fail(f"unknown command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Losses and metric writers: `WORKDIR/metrics.jsonl` (one JSON object per logged step) and
+TensorBoard event files, plus the one-line console progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy and token count. logits: [B, T, V]; targets: [B, T]."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+
+
+def global_norm(tree) -> jax.Array:
+    """L2 norm over every leaf of a pytree, accumulated in float32."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+class MetricWriter:
+    """Appends metrics to metrics.jsonl and TensorBoard. Only the writing process creates files
+    (process 0 in a multi-host run)."""
+
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            workdir = Path(workdir)
+            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(workdir), flush_secs=10)
+            except ImportError:  # TensorBoard output is optional; metrics.jsonl is not
+                self._tb = None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for key, value in metrics.items():
+            value = float(value)
+            row[key] = value if math.isfinite(value) else str(value)
+            if self._tb is not None:
+                self._tb.add_scalar(key, value, int(step))
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def progress_line(step: int, total: int, m: dict[str, float], eta_s: float | None) -> str:
+    """`step  120/500  loss 4.3210  lr 1.20e-03  gnorm 0.81  5,210 tok/s  eta 1m12s`."""
+    width = len(str(total))
+    parts = [
+        f"step {step:>{width}}/{total}",
+        f"loss {m['train/loss']:.4f}",
+        f"lr {m['train/lr']:.2e}",
+        f"gnorm {m['train/grad_norm']:.3f}",
+    ]
+    if "perf/tokens_per_sec" in m:
+        parts.append(f"{m['perf/tokens_per_sec']:,.0f} tok/s")
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
+    return "  ".join(parts)

@@ -1,0 +1,239 @@
+"""Training: the TrainState, the pure `train_step`/`eval_step` functions and `train(cfg, workdir)`.
+
+`train_step(state, batch) -> (state, metrics)` is a top-level pure function, compiled once with
+`jax.jit` and buffer donation, so `.lower().compile()` works for memory planning. `train()` reads
+top to bottom in sections: data -> init -> compile -> loop (batch, step, log, eval).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from perijax import data as data_lib
+from perijax.config import Config, ConfigError, to_dict
+from perijax.metrics import (
+    MetricWriter,
+    cross_entropy,
+    format_duration,
+    global_norm,
+    progress_line,
+)
+from perijax.model import Transformer, compute_dtype
+from perijax.optim import lr_schedule, make_optimizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes (step, params, optimizer state) plus the static pieces needed
+    to apply them (model graph, optimizer, schedule)."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    lr_fn: optax.Schedule = struct.field(pytree_node=False)
+
+
+def create_state(cfg: Config) -> TrainState:
+    """Initializes the model from `train.seed` and the optimizer state."""
+    model = Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(cfg.optim, cfg.train.total_steps)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        graphdef=graphdef,
+        tx=tx,
+        lr_fn=lr_schedule(cfg.optim, cfg.train.total_steps),
+    )
+
+
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, tokens: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy. tokens: [B, T + 1] int32."""
+    model = nnx.merge(graphdef, params)
+    logits = model(tokens[:, :-1])
+    total, count = cross_entropy(logits, tokens[:, 1:])
+    return total / count
+
+
+def loss_and_grads(state: TrainState, batch: jax.Array) -> tuple[jax.Array, nnx.State]:
+    """Mean loss and gradient over `batch` [A, B/A, T + 1], accumulated over the A micro-batches
+    with a scan (all have the same token count, so the mean of the micro-batch means is the
+    full-batch mean)."""
+    grad_fn = jax.value_and_grad(loss_fn)
+    if batch.shape[0] == 1:
+        return grad_fn(state.params, state.graphdef, batch[0])
+
+    def accumulate(carry, micro_batch):
+        loss, grads = grad_fn(state.params, state.graphdef, micro_batch)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+    return jax.tree.map(lambda x: x / batch.shape[0], (loss, grads))
+
+
+def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from `batch` [A, B/A, T + 1] (A gradient-accumulation steps)."""
+    loss, grads = loss_and_grads(state, batch)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "train/loss": loss,
+        "train/grad_norm": global_norm(grads),
+        "train/param_norm": global_norm(params),
+        "train/lr": state.lr_fn(state.step),
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
+    """Summed loss and token count of one batch [B, T + 1] (summed so batches combine exactly)."""
+    model = nnx.merge(state.graphdef, state.params)
+    total, count = cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+    return {"loss_sum": total, "tokens": count}
+
+
+def evaluate(eval_fn: Callable, state: TrainState, batches: list[np.ndarray]) -> dict[str, float]:
+    loss_sum, tokens = 0.0, 0.0
+    for batch in batches:
+        out = jax.device_get(eval_fn(state, batch))
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = loss_sum / tokens
+    return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 80.0)))}
+
+
+def load_data(cfg: Config, log: Callable[[str], None] = print) -> data_lib.TokenData:
+    """Loads (preparing on first use) the configured tokens and checks them against the model."""
+    try:
+        data = data_lib.load_token_data(
+            cfg.data.source,
+            cfg.model.vocab_size,
+            cache_dir=cfg.data.cache_dir or None,
+            val_fraction=cfg.data.val_fraction,
+            seed=cfg.train.seed,
+            log=log,
+        )
+    except ValueError as e:  # bad data settings are config errors: one line, nothing written
+        raise ConfigError(f"data.source={cfg.data.source!r}: {e}") from e
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"data '{data.name}' has {data.vocab_size} token ids but model.vocab_size="
+            f"{cfg.model.vocab_size}: set model.vocab_size >= {data.vocab_size}"
+        )
+    return data
+
+
+def train(
+    cfg: Config,
+    workdir: str | os.PathLike,
+    *,
+    data: data_lib.TokenData | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains `cfg` and writes WORKDIR/{config.json, metrics.jsonl, TensorBoard events}.
+
+    Returns the last logged train metrics and the last eval metrics.
+    """
+    t_cfg = cfg.train
+    seq_len, accum = cfg.data.seq_len, t_cfg.grad_accum_steps
+    micro_batch = t_cfg.global_batch_size // accum
+    tokens_per_step = t_cfg.global_batch_size * seq_len
+
+    # --- data: validated before anything is written to the workdir.
+    data = data or load_data(cfg, log)
+    try:
+        batches = data_lib.train_batches(
+            data.train,
+            seq_len=seq_len,
+            batch_size=t_cfg.global_batch_size,
+            seed=t_cfg.seed,
+            num_threads=cfg.data.num_threads,
+            prefetch=cfg.data.prefetch,
+        )
+        eval_data = data_lib.eval_batches(
+            data.val, seq_len=seq_len, batch_size=micro_batch, num_batches=t_cfg.eval_batches
+        )
+    except ValueError as e:  # e.g. data.seq_len longer than a tiny corpus allows
+        raise ConfigError(f"data '{data.name}': {e}") from e
+
+    # --- workdir: the resolved config first, so a run is always identifiable.
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved = to_dict(cfg)
+    resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name
+    (workdir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+
+    # --- init
+    state = create_state(cfg)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log(
+        f"model: {n_params:,} parameters, ln_placement={cfg.model.ln_placement}, "
+        f"norm={cfg.model.norm_type}, data={data.name} ({len(data.train):,} train tokens)"
+    )
+
+    # --- compile: donation lets XLA update params and optimizer state in place.
+    step_fn = jax.jit(train_step, donate_argnums=0)
+    eval_fn = jax.jit(eval_step)
+
+    # --- loop
+    last_eval = evaluate(eval_fn, state, eval_data)
+    writer.write(0, last_eval)
+    log(f"eval  step 0  loss {last_eval['eval/loss']:.4f}  ppl {last_eval['eval/perplexity']:.1f}")
+    last_train: dict[str, float] = {}
+    t_window, steps_in_window, t_loop = time.perf_counter(), 0, None
+    for step in range(1, t_cfg.total_steps + 1):
+        batch = np.asarray(next(batches)).reshape(accum, micro_batch, seq_len + 1)
+        state, metrics = step_fn(state, batch)
+        steps_in_window += 1
+        if step == 1:  # the first step includes compilation: report it, then time from here
+            jax.block_until_ready(metrics)
+            log(f"compiled and ran the first step in {time.perf_counter() - t_window:.1f}s")
+            t_window, steps_in_window, t_loop = time.perf_counter(), 0, time.perf_counter()
+        if step % t_cfg.log_every_steps == 0 or step == t_cfg.total_steps:
+            last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(last_train["train/loss"]):
+                writer.write(step, last_train)
+                writer.close()
+                raise TrainingDiverged(f"loss is {last_train['train/loss']} at step {step}")
+            elapsed = time.perf_counter() - t_window
+            eta = None
+            if steps_in_window:
+                step_time = elapsed / steps_in_window
+                last_train["perf/step_time_s"] = step_time
+                last_train["perf/tokens_per_sec"] = tokens_per_step / step_time
+                eta = step_time * (t_cfg.total_steps - step)
+            writer.write(step, last_train)
+            log(progress_line(step, t_cfg.total_steps, last_train, eta))
+            t_window, steps_in_window = time.perf_counter(), 0
+        every = t_cfg.eval_every_steps
+        if (every and step % every == 0) or step == t_cfg.total_steps:
+            last_eval = evaluate(eval_fn, state, eval_data)
+            writer.write(step, last_eval)
+            log(
+                f"eval  step {step}  loss {last_eval['eval/loss']:.4f}  "
+                f"ppl {last_eval['eval/perplexity']:.1f}"
+            )
+            t_window, steps_in_window = time.perf_counter(), 0
+    writer.close()
+    total_time = time.perf_counter() - (t_loop or time.perf_counter())
+    log(f"done: {t_cfg.total_steps} steps in {format_duration(total_time)}; workdir {workdir}")
+    return {"train": last_train, "eval": last_eval, "state": state}
