@@ -33,6 +33,10 @@ def get_config(arg=None):
     config.model.d_model = d_model
     config.model.num_heads = num_heads
     config.model.d_ff = d_ff
+    # Memory defaults for these sizes: one compiled block for all layers (fast compiles), and
+    # each block recomputed in the backward pass (docs/scaling.md has the plans).
+    config.model.scan_layers = True
+    config.model.remat = "full"
 
     # Paper setup (PAPER.md): 30B tokens, AdamW with cosine decay, weight decay 0.1.
     # Sequence length 8192 and the batch are uncertain in the paper's text; override as needed.

@@ -25,6 +25,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 PARAM_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_SOURCES = ("stdlib", "synthetic")
+REMAT = ("none", "minimal", "full")
+ATTENTION = ("xla", "cudnn", "splash")
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,9 @@ class ModelConfig:
     depth_scaled_init: bool = False  # output projections use init_std / sqrt(2 * num_layers)
     dtype: str = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
+    scan_layers: bool = False  # one scanned block with stacked weights: fast compiles at depth
+    remat: str = "none"  # none | minimal (save weight matmuls) | full (recompute the block)
+    attention: str = "xla"  # xla (everywhere) | cudnn (NVIDIA GPU) | splash (TPU)
 
     @property
     def kv_heads(self) -> int:
@@ -111,11 +116,34 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (docs/scaling.md): sizes of the data, fsdp and tensor axes; -1 absorbs the
+    remaining devices. `dcn_data` splits the data axis across that many hosts/slices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process setup. Empty/negative values: taken from PERIJAX_COORDINATOR_ADDRESS,
+    PERIJAX_NUM_PROCESSES, PERIJAX_PROCESS_ID, else detected (SLURM, TPU pods), else one process."""
+
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -293,6 +321,8 @@ def validate(cfg: Config) -> None:
     _one_of("model.qk_norm", m.qk_norm, QK_NORMS)
     _one_of("model.dtype", m.dtype, DTYPES)
     _one_of("model.param_dtype", m.param_dtype, PARAM_DTYPES)
+    _one_of("model.remat", m.remat, REMAT)
+    _one_of("model.attention", m.attention, ATTENTION)
     _positive(m, "model", "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads")
     _positive(m, "model", "head_dim", "d_ff", "norm_eps", "rope_theta", "init_std")
     if m.head_dim is None:
@@ -332,3 +362,4 @@ def validate(cfg: Config) -> None:
         f"train.global_batch_size={t.global_batch_size}",
     )
     _require(math.isfinite(o.lr), f"optim.lr must be finite, got {o.lr}")
+    _require(cfg.mesh.dcn_data >= 1, f"mesh.dcn_data must be >= 1, got {cfg.mesh.dcn_data}")

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from perijax.config import ModelConfig
+from perijax.config import ConfigError, ModelConfig
 from perijax.norms import NORM_ROLES, Norm, residual
+from perijax.sharding import constrain
 
 __all__ = ["ModelConfig", "Transformer", "Block", "Attention", "Mlp", "count_params"]
 
@@ -30,6 +31,19 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     if cfg.dtype == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     return jnp.dtype(cfg.dtype)
+
+
+def check_backend(cfg: ModelConfig) -> None:
+    """Fails early when a chosen kernel does not exist on this backend."""
+    backend = jax.default_backend()
+    needs = {"cudnn": ("gpu", "an NVIDIA GPU"), "splash": ("tpu", "a TPU")}.get(cfg.attention)
+    if needs and backend != needs[0]:
+        raise ConfigError(
+            f"model.attention={cfg.attention} needs {needs[1]}, but the backend is {backend}: "
+            "use model.attention=xla"
+        )
+    if cfg.attention == "cudnn" and compute_dtype(cfg) == jnp.float32:
+        raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 (or auto on GPU)")
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str, ...], dtype):
@@ -57,6 +71,47 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax attention. q: [B, T, H, Dh]; k, v: [B, T, K, Dh] -> [B, T, H, Dh]."""
+    if impl == "cudnn":  # cuDNN flash attention (NVIDIA GPUs, bfloat16/float16)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if impl == "splash":
+        return _splash_attention(q, k, v)
+    b, t, h, dh = q.shape
+    kv = k.shape[2]
+    # Grouped query heads: [B, T, K, G, Dh] with h = kv * G + g.
+    q = q.reshape(b, t, kv, h // kv, dh)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits / math.sqrt(dh)
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+
+
+def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """TPU Pallas splash attention, run per shard (batch over data x fsdp, heads over tensor)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    from perijax.sharding import logical_to_spec
+
+    b, t, h, dh = q.shape
+    k = jnp.repeat(k, h // k.shape[2], axis=2)  # splash MHA wants one kv head per query head
+    v = jnp.repeat(v, h // v.shape[2], axis=2)
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = logical_to_spec(("batch", "heads", "seq", "kv"), None if mesh.empty else mesh)
+
+    def kernel(q, k, v):  # per shard: [b, h, T, Dh]
+        mask = splash.MultiHeadMask([splash.CausalMask((t, t))] * q.shape[1])
+        fn = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+        return jax.vmap(fn)(q / math.sqrt(dh), k, v)
+
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    if not mesh.empty:
+        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    return kernel(q, k, v).transpose(0, 2, 1, 3)
 
 
 class Attention(nnx.Module):
@@ -95,15 +150,9 @@ class Attention(nnx.Module):
             kk = self.k_norm(kk.reshape(b, t, k * dh)).reshape(b, t, k, dh)
         q, kk = rope(q, positions, cfg.rope_theta), rope(kk, positions, cfg.rope_theta)
 
-        # Grouped query heads: [B, T, K, G, Dh] with h = kv * G + g.
-        q = q.reshape(b, t, k, h // k, dh)
-        logits = jnp.einsum(
-            "btkgd,bskd->bkgts", q, kk, preferred_element_type=jnp.float32
-        ) / math.sqrt(dh)
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-        logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+        q = constrain(q, ("batch", "seq", "heads", "kv"))
+        out = attend(cfg.attention, q, kk, v)
+        out = constrain(out, ("batch", "seq", "heads", "kv"))
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
 
 
@@ -122,7 +171,8 @@ class Mlp(nnx.Module):
         dtype = x.dtype
         gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dtype))
         up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dtype))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dtype))
 
 
 class Block(nnx.Module):
@@ -153,17 +203,50 @@ class Block(nnx.Module):
         return x
 
 
+REMAT_POLICIES = {
+    # Save the outputs of weight matmuls (no batch dims); recompute attention scores and
+    # elementwise ops in the backward pass.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Save only the block input; recompute the whole block.
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _block_fn(graphdef: nnx.GraphDef, positions: jax.Array, remat: str):
+    """(x, block_state) -> (x, None): one block, optionally rematerialized, shaped for scan."""
+
+    def body(x, state):
+        x = nnx.merge(graphdef, state)(x, positions)
+        return constrain(x, ("batch", "seq", None)), None
+
+    if remat == "none":
+        return body
+    return jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
+def stack_layers(blocks: list[Block]) -> Block:
+    """One Block whose parameters carry a leading `layers` axis (for `scan_layers`)."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.state(block) for block in blocks]
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
 class Transformer(nnx.Module):
-    """Token ids [B, T] -> next-token logits [B, T, V] (float32)."""
+    """Token ids [B, T] -> next-token logits [B, T, V] (float32).
+
+    With `scan_layers` the blocks are one Block with stacked [L, ...] parameters applied by
+    `jax.lax.scan` (compile time independent of depth); otherwise a list of L blocks. Both are
+    initialized identically for the same seed and apply the same per-block function.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
-        self.embed = _param(
-            rngs, cfg.init_std, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd
-        )
+        vocab_axes = ("vocab", "embed")
+        self.embed = _param(rngs, cfg.init_std, (cfg.vocab_size, cfg.d_model), vocab_axes, pd)
         self.embed_norm = _norm(cfg) if cfg.embed_norm else None
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        self.blocks = stack_layers(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = _norm(cfg) if cfg.final_norm else None
         self.lm_head = (
             None
@@ -172,18 +255,28 @@ class Transformer(nnx.Module):
         )
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        dtype = compute_dtype(self.cfg)
+        cfg = self.cfg
+        dtype = compute_dtype(cfg)
         if positions is None:
             positions = jnp.arange(tokens.shape[-1])
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = constrain(x, ("batch", "seq", None))
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        for block in self.blocks:
-            x = block(x, positions)
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+            x, _ = jax.lax.scan(_block_fn(graphdef, positions, cfg.remat), x, state)
+        else:
+            for block in self.blocks:
+                graphdef, state = nnx.split(block)
+                x, _ = _block_fn(graphdef, positions, cfg.remat)(x, state)
         if self.final_norm is not None:
             x = self.final_norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32
+        )
+        return constrain(logits, ("batch", "seq", "vocab"))
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

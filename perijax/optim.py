@@ -3,6 +3,7 @@ chosen by parameter path (norm scales and biases are never decayed)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -11,6 +12,7 @@ import optax
 from perijax.config import OptimConfig
 
 
+@functools.cache
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine or linear decay to
     `lr * min_lr_ratio` at `decay_steps` (default: the run's total steps), or constant."""
@@ -47,8 +49,13 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+@functools.cache
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW(schedule, masked decay)."""
+    """clip_by_global_norm -> AdamW(schedule, masked decay).
+
+    Cached: the same config always gives the same object, so TrainStates built separately
+    (e.g. an abstract one for shardings and the real one) have identical static parts.
+    """
     adamw = optax.adamw(
         lr_schedule(cfg, total_steps),
         b1=cfg.b1,

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from perijax import data as data_lib
+from perijax import sharding as sharding_lib
 from perijax.config import Config, ConfigError, to_dict
 from perijax.metrics import (
     MetricWriter,
@@ -29,7 +31,7 @@ from perijax.metrics import (
     global_norm,
     progress_line,
 )
-from perijax.model import Transformer, compute_dtype
+from perijax.model import Transformer, check_backend, compute_dtype
 from perijax.optim import lr_schedule, make_optimizer
 
 
@@ -64,6 +66,41 @@ def create_state(cfg: Config) -> TrainState:
     )
 
 
+def state_shardings(cfg: Config, mesh: Mesh) -> TrainState:
+    """Shardings of the whole TrainState (params and optimizer moments by the rules table)."""
+    return sharding_lib.state_shardings(jax.eval_shape(lambda: create_state(cfg)), mesh)
+
+
+def setup_mesh(cfg: Config, devices=None) -> Mesh:
+    """The configured mesh, checked against the model and the batch before any compile."""
+    mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+    shape = tuple(mesh.shape.values())
+    sharding_lib.check_model_fits_mesh(cfg.model, shape)
+    sharding_lib.check_batch_fits_mesh(
+        cfg.train.global_batch_size, cfg.train.grad_accum_steps, shape
+    )
+    return mesh
+
+
+def init_state(cfg: Config, mesh: Mesh) -> TrainState:
+    """Initializes the TrainState directly into its shardings (nothing is built whole on one
+    device first)."""
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda: create_state(cfg), out_shardings=state_shardings(cfg, mesh))()
+
+
+def compile_train_step(cfg: Config, mesh: Mesh, shardings: TrainState | None = None):
+    """`train_step` jitted with explicit in/out shardings and the state donated."""
+    shardings = shardings or state_shardings(cfg, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 3)),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+
+
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, tokens: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy. tokens: [B, T + 1] int32."""
     model = nnx.merge(graphdef, params)
@@ -90,8 +127,10 @@ def loss_and_grads(state: TrainState, batch: jax.Array) -> tuple[jax.Array, nnx.
 
 
 def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update from `batch` [A, B/A, T + 1] (A gradient-accumulation steps)."""
-    loss, grads = loss_and_grads(state, batch)
+    """One optimizer update from the global batch laid out [B/A, A, T + 1]: micro-batch a is
+    `batch[:, a]`. Axis 0 is the sharded batch axis, so every device holds rows of every
+    micro-batch and each process feeds its own contiguous block of rows."""
+    loss, grads = loss_and_grads(state, batch.swapaxes(0, 1))
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -110,10 +149,11 @@ def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
     return {"loss_sum": total, "tokens": count}
 
 
-def evaluate(eval_fn: Callable, state: TrainState, batches: list[np.ndarray]) -> dict[str, float]:
+def evaluate(eval_fn: Callable, state: TrainState, batches: list[jax.Array]) -> dict[str, float]:
     loss_sum, tokens = 0.0, 0.0
     for batch in batches:
-        out = jax.device_get(eval_fn(state, batch))
+        with jax.set_mesh(batch.sharding.mesh):
+            out = jax.device_get(eval_fn(state, batch))
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
     loss = loss_sum / tokens
@@ -147,8 +187,11 @@ def train(
     *,
     data: data_lib.TokenData | None = None,
     log: Callable[[str], None] = print,
+    devices: list[jax.Device] | None = None,
 ) -> dict[str, Any]:
     """Trains `cfg` and writes WORKDIR/{config.json, metrics.jsonl, TensorBoard events}.
+
+    `devices` (default: all) are arranged into the configured mesh.
 
     Returns the last logged train metrics and the last eval metrics.
     """
@@ -156,15 +199,30 @@ def train(
     seq_len, accum = cfg.data.seq_len, t_cfg.grad_accum_steps
     micro_batch = t_cfg.global_batch_size // accum
     tokens_per_step = t_cfg.global_batch_size * seq_len
+    process, n_processes = jax.process_index(), jax.process_count()
+    if process != 0:  # only process 0 talks and writes
+        log = lambda _: None  # noqa: E731
 
-    # --- data: validated before anything is written to the workdir.
+    # --- mesh: shapes are checked against the devices, the model and the batch first.
+    check_backend(cfg.model)
+    mesh = setup_mesh(cfg, devices)
+    if t_cfg.global_batch_size % n_processes:
+        raise ConfigError(
+            f"train.global_batch_size={t_cfg.global_batch_size} must be divisible by the "
+            f"number of processes ({n_processes})"
+        )
+    local_batch = t_cfg.global_batch_size // n_processes
+
+    # --- data: each process reads only its own rows; validated before anything is written.
     data = data or load_data(cfg, log)
     try:
         batches = data_lib.train_batches(
             data.train,
             seq_len=seq_len,
-            batch_size=t_cfg.global_batch_size,
+            batch_size=local_batch,
             seed=t_cfg.seed,
+            process_index=process,
+            process_count=n_processes,
             num_threads=cfg.data.num_threads,
             prefetch=cfg.data.prefetch,
         )
@@ -176,23 +234,33 @@ def train(
 
     # --- workdir: the resolved config first, so a run is always identifiable.
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    resolved = to_dict(cfg)
-    resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name
-    (workdir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    if process == 0:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            resolved = to_dict(cfg)
+            resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name
+            (workdir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        except OSError as e:
+            raise ConfigError(f"cannot write to workdir {workdir}: {e.strerror}") from e
+    writer = MetricWriter(workdir, enabled=process == 0)
 
-    # --- init
-    state = create_state(cfg)
+    # --- init: parameters and optimizer state are created in their shardings.
+    shardings = state_shardings(cfg, mesh)
+    state = init_state(cfg, mesh)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(
         f"model: {n_params:,} parameters, ln_placement={cfg.model.ln_placement}, "
         f"norm={cfg.model.norm_type}, data={data.name} ({len(data.train):,} train tokens)"
     )
+    log(f"mesh: {sharding_lib.describe(mesh)} over {n_processes} process(es)")
 
-    # --- compile: donation lets XLA update params and optimizer state in place.
-    step_fn = jax.jit(train_step, donate_argnums=0)
-    eval_fn = jax.jit(eval_step)
+    # --- compile: explicit shardings; donation lets XLA update the state in place.
+    step_fn = compile_train_step(cfg, mesh, shardings)
+    eval_fn = jax.jit(eval_step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 2)))
+    batch_sharding = sharding_lib.batch_sharding(mesh, 3)
+    global_shape = (micro_batch, accum, seq_len + 1)
+    eval_sharding = sharding_lib.batch_sharding(mesh, 2)
+    eval_data = [sharding_lib.replicated_batch(b, eval_sharding) for b in eval_data]
 
     # --- loop
     last_eval = evaluate(eval_fn, state, eval_data)
@@ -201,8 +269,10 @@ def train(
     last_train: dict[str, float] = {}
     t_window, steps_in_window, t_loop = time.perf_counter(), 0, None
     for step in range(1, t_cfg.total_steps + 1):
-        batch = np.asarray(next(batches)).reshape(accum, micro_batch, seq_len + 1)
-        state, metrics = step_fn(state, batch)
+        local = np.asarray(next(batches)).reshape(local_batch // accum, accum, seq_len + 1)
+        with jax.set_mesh(mesh):
+            batch = sharding_lib.global_batch(local, batch_sharding, global_shape)
+            state, metrics = step_fn(state, batch)
         steps_in_window += 1
         if step == 1:  # the first step includes compilation: report it, then time from here
             jax.block_until_ready(metrics)

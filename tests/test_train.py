@@ -65,8 +65,8 @@ def test_grad_accumulation_equals_full_batch(placement):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
     step = jax.jit(train_lib.train_step)
-    full_state, _ = step(train_lib.create_state(cfg), jnp.asarray(batch.reshape(1, 8, 17)))
-    acc_state, _ = step(train_lib.create_state(cfg), jnp.asarray(batch.reshape(4, 2, 17)))
+    full_state, _ = step(train_lib.create_state(cfg), jnp.asarray(batch.reshape(8, 1, 17)))
+    acc_state, _ = step(train_lib.create_state(cfg), jnp.asarray(batch.reshape(2, 4, 17)))
     for a, b in zip(
         jax.tree.leaves(acc_state.params), jax.tree.leaves(full_state.params), strict=True
     ):
@@ -77,7 +77,7 @@ def test_train_step_changes_params_and_counts_steps():
     cfg = synthetic_cfg()
     state = train_lib.create_state(cfg)
     before = jax.tree.map(np.asarray, state.params)
-    batch = np.random.default_rng(1).integers(0, 64, (1, 8, 17)).astype(np.int32)
+    batch = np.random.default_rng(1).integers(0, 64, (8, 1, 17)).astype(np.int32)
     new_state, metrics = jax.jit(train_lib.train_step, donate_argnums=0)(state, batch)
     assert int(new_state.step) == 1
     assert float(metrics["train/lr"]) == pytest.approx(cfg.optim.lr)
