@@ -1,7 +1,9 @@
 """The `perijax` command. Subcommands are thin: they parse arguments, resolve the config and call
-the library (`perijax.train.train`, ...).
+the library.
 
     perijax train [--config FILE[:ARG]] [--workdir DIR] [--config.SECTION.KEY=VALUE ...]
+    perijax plan  [--config FILE[:ARG]] --devices N --accelerator NAME [--config.X=V ...]
+    perijax launch-local -n N [--devices-per-process D] -- train ...
 
 Errors in the user's input print one line to stderr and exit with status 2, before anything is
 computed or written.
@@ -15,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from perijax import __version__
+
 DEFAULT_CONFIG = "configs/tiny.py"
 
 
@@ -24,11 +28,15 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments
+    (everything after a bare `--` is left alone, for launch-local)."""
     rest, overrides = [], []
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
         if arg.startswith("--config."):
             key, sep, value = arg[len("--config.") :].partition("=")
             if not sep:
@@ -64,12 +72,18 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
         workdir = args.workdir or _default_workdir(args.config)
         if Path(workdir).exists() and not Path(workdir).is_dir():
             raise ConfigError(f"--workdir {workdir} exists and is not a directory")
+        from perijax import distributed
+
+        distributed.initialize(cfg.distributed)  # before anything starts a JAX backend
         from perijax import train as train_lib
 
         data = train_lib.load_data(cfg)
     except ConfigError as e:
         return _fail(str(e))
-    print(f"workdir: {workdir}", flush=True)
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"workdir: {workdir}", flush=True)
     try:
         train_lib.train(cfg, workdir, data=data, log=lambda s: print(s, flush=True))
     except ConfigError as e:
@@ -82,10 +96,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from perijax import launch, plan
+
     parser = argparse.ArgumentParser(
         prog="perijax",
-        description="Pretrain decoder-only LMs with the LayerNorm placement as a setting.",
+        description="Pretrain decoder-only LMs with the LayerNorm placement as a setting. "
+        "Any config key can be overridden with --config.SECTION.KEY=VALUE.",
     )
+    parser.add_argument("--version", action="version", version=f"perijax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser(
         "train",
@@ -100,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"config file and optional argument (default: {DEFAULT_CONFIG})",
     )
     train.add_argument("--workdir", help="output directory (default: runs/<config>-<time>)")
+    plan.add_parser(sub)
+    launch.add_parser(sub)
     return parser
 
 
@@ -114,8 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if overrides and args.command == "launch-local":
+        return _fail("put --config.* overrides after `--`, on the launched command")
     if args.command == "train":
         return cmd_train(args, overrides)
+    if args.command == "plan":
+        from perijax import plan
+
+        return plan.run(args, overrides)
+    if args.command == "launch-local":
+        from perijax import launch
+
+        return launch.run(args)
     return _fail(f"unknown command {args.command!r}")
 
 
