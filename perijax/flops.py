@@ -1,0 +1,38 @@
+"""Model FLOPs: the one formula every MFU number in perijax uses.
+
+Per trained token (forward + backward = 3 x forward, each multiply-add = 2 FLOPs):
+
+    flops_per_token = 6 * N_matmul + 6 * L * H * Dh * T
+
+- N_matmul: parameters used in matrix multiplies: q/k/v/o projections, the three SwiGLU
+  matrices and the LM head (the tied embedding counts once, as the head). The input embedding is
+  a gather and the norms are elementwise: neither is a matmul.
+- 6 * L * H * Dh * T: attention scores (Q K^T) and the weighted sum (P V), 2 matmuls of
+  2 * T * H * Dh FLOPs per token and layer, x3 for the backward pass, halved because a causal
+  token attends to T/2 keys on average (PaLM's 12 * L * H * Dh * T counts the full square).
+- norms (`norm_flops_per_token`) are reported separately and not counted in MFU: about 5 FLOPs
+  per element for RMSNorm, forward only, x3 with backward.
+"""
+
+from __future__ import annotations
+
+from perijax.config import ModelConfig
+from perijax.norms import NORM_ROLES
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    d, h, k, dh, f = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_ff
+    per_layer = d * h * dh * 2 + d * k * dh * 2 + 3 * d * f
+    return cfg.num_layers * per_layer + d * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), causal attention."""
+    attention = 6 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len
+    return 6 * matmul_params(cfg) + attention
+
+
+def norm_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward + backward FLOPs of the block norms (not counted in MFU)."""
+    norms = 2 * len(NORM_ROLES[cfg.ln_placement]) * cfg.num_layers + (1 if cfg.final_norm else 0)
+    return 3 * 5 * cfg.d_model * norms

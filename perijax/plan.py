@@ -1,0 +1,181 @@
+"""`perijax plan`: compile the train step ahead of time for a target topology, allocate nothing,
+and report per-device memory and FLOPs.
+
+Runs anywhere: the target's devices are simulated as fake CPU devices, parameters and batches are
+abstract (`jax.eval_shape`, ShapeDtypeStructs) and the step is lowered and compiled with the same
+shardings `perijax train` uses. Memory numbers come from XLA's CPU compiler: parameter and
+optimizer-state bytes are exact; activation/temporary bytes are indicative (the CPU compiler
+schedules differently from the GPU/TPU ones and materializes the T x T attention scores).
+
+    perijax plan --config configs/paper.py:size=3.2b --accelerator tpu-v5p --devices 64 \\
+        --config.mesh.fsdp=-1 --config.mesh.data=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+
+# name: (HBM per chip in GiB, dense bfloat16 peak TFLOP/s per chip)
+ACCELERATORS: dict[str, tuple[float, float]] = {
+    "tpu-v4": (32, 275),
+    "tpu-v5e": (16, 197),
+    "tpu-v5p": (95, 459),
+    "tpu-v6e": (32, 918),
+    "a100-80gb": (80, 312),
+    "h100": (80, 989),
+    "h200": (141, 989),
+}
+GIB = 1024**3
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "plan",
+        help="compile the train step for a target topology and report per-device memory",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--config", default="configs/tiny.py", metavar="FILE[:ARG]")
+    p.add_argument("--devices", type=int, default=8, help="number of chips to plan for")
+    p.add_argument(
+        "--accelerator",
+        default="h100",
+        choices=sorted(ACCELERATORS),
+        help="chip whose memory the plan is checked against (default: h100)",
+    )
+    p.add_argument("--json", dest="json_path", help="also write the report as JSON here")
+    return p
+
+
+def _bytes(tree, shardings) -> int:
+    """Per-device bytes of an abstract pytree under its shardings (exact)."""
+    import jax
+
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+        shard = sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * leaf.dtype.itemsize
+    return total
+
+
+def plan(cfg, accelerator: str) -> dict:
+    """Lowers and compiles the train step for `cfg` on the current (fake) devices."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from perijax import sharding as sharding_lib
+    from perijax import train as train_lib
+    from perijax.flops import flops_per_token
+
+    if cfg.model.dtype == "auto":  # the target is an accelerator: bfloat16 compute
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
+    mesh = train_lib.setup_mesh(cfg)
+    t_cfg = cfg.train
+    accum = t_cfg.grad_accum_steps
+    batch_shape = (t_cfg.global_batch_size // accum, accum, cfg.data.seq_len + 1)
+
+    t0 = time.perf_counter()
+    abstract = jax.eval_shape(lambda: train_lib.create_state(cfg))
+    shardings = train_lib.state_shardings(cfg, mesh)
+    step = train_lib.compile_train_step(cfg, mesh, shardings)
+    with jax.set_mesh(mesh):
+        lowered = step.lower(abstract, jax.ShapeDtypeStruct(batch_shape, jnp.int32))
+    t_lower = time.perf_counter() - t0
+    compiled = lowered.compile()
+    t_compile = time.perf_counter() - t0 - t_lower
+
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    params_b = _bytes(abstract.params, jax.tree.leaves(shardings.params, is_leaf=is_var))
+    opt_b = _bytes(abstract.opt_state, jax.tree.leaves(shardings.opt_state, is_leaf=is_var))
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    hbm, peak_tflops = ACCELERATORS[accelerator]
+    tokens = t_cfg.global_batch_size * cfg.data.seq_len
+    model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / mesh.size
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+    return {
+        "config": {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(t_cfg)},
+        "mesh": dict(mesh.shape),
+        "devices": mesh.size,
+        "accelerator": accelerator,
+        "parameters": n_params,
+        "tokens_per_step": tokens,
+        "per_device": {
+            "params_bytes": params_b,
+            "opt_state_bytes": opt_b,
+            "arguments_bytes": mem.argument_size_in_bytes,
+            "temp_bytes": mem.temp_size_in_bytes,
+            "output_bytes": mem.output_size_in_bytes,
+            "alias_bytes": mem.alias_size_in_bytes,
+            "peak_bytes": peak,
+            "model_flops_per_step": model_flops,
+            # XLA counts a scanned loop body once, so this is per-layer-short with scan_layers.
+            "xla_flops_per_step": float(cost.get("flops", 0.0)),
+        },
+        "hbm_bytes": hbm * GIB,
+        "fits": peak <= hbm * GIB,
+        "ideal_step_time_s": model_flops / (peak_tflops * 1e12),
+        "lower_s": t_lower,
+        "compile_s": t_compile,
+        "sharding": sharding_lib.describe(mesh),
+    }
+
+
+def format_report(r: dict) -> str:
+    d = r["per_device"]
+    g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    lines = [
+        f"plan: {r['parameters']:,} parameters on {r['devices']} x {r['accelerator']} "
+        f"(mesh {r['sharding']}), {r['tokens_per_step']:,} tokens/step",
+        f"  compile: lower {r['lower_s']:.1f}s, compile {r['compile_s']:.1f}s",
+        "  per device:",
+        f"    parameters        {g(d['params_bytes'])}",
+        f"    optimizer state   {g(d['opt_state_bytes'])}",
+        f"    all arguments     {g(d['arguments_bytes'])}  (state + batch)",
+        f"    temporaries       {g(d['temp_bytes'])}  (activations, grads; CPU estimate)",
+        f"    peak (estimate)   {g(d['peak_bytes'])}  of {r['hbm_bytes'] / GIB:.0f} GiB HBM: "
+        + ("fits" if r["fits"] else "DOES NOT FIT"),
+        f"    model FLOPs/step  {d['model_flops_per_step']:.3e}  (perijax/flops.py; "
+        f">= {r['ideal_step_time_s'] * 1e3:.1f} ms/step at peak)",
+        f"    XLA FLOPs/step    {d['xla_flops_per_step']:.3e}"
+        + ("  (scanned layers counted once)" if r["config"]["model"]["scan_layers"] else ""),
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    import jax
+
+    from perijax.cli import _build_config, _fail
+    from perijax.config import ConfigError
+
+    if args.devices < 1:
+        return _fail("--devices must be >= 1")
+    # Simulate the target's chips as CPU devices; must happen before the backend starts.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    try:
+        cfg = _build_config(args.config, overrides)
+        print(
+            f"planning {args.config} on {args.devices} simulated {args.accelerator} chips...",
+            flush=True,
+        )
+        report = plan(cfg, args.accelerator)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(format_report(report))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
