@@ -67,6 +67,8 @@ def _default_workdir(spec: str) -> str:
 def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     from perijax.config import ConfigError
 
+    if args.restore:
+        overrides = [*overrides, ("checkpoint.restore", args.restore)]
     try:
         cfg = _build_config(args.config, overrides)
         workdir = args.workdir or _default_workdir(args.config)
@@ -84,9 +86,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
 
     if jax.process_index() == 0:
         print(f"workdir: {workdir}", flush=True)
+    from perijax.checkpoint import CheckpointError
+
     try:
         train_lib.train(cfg, workdir, data=data, log=lambda s: print(s, flush=True))
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         return _fail(str(e))
     except train_lib.TrainingDiverged as e:
         return _fail(f"training diverged: {e}", code=3)
@@ -117,7 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:ARG]",
         help=f"config file and optional argument (default: {DEFAULT_CONFIG})",
     )
-    train.add_argument("--workdir", help="output directory (default: runs/<config>-<time>)")
+    train.add_argument(
+        "--workdir",
+        help="output directory (default: runs/<config>-<time>); a workdir with checkpoints "
+        "resumes from its latest one",
+    )
+    train.add_argument(
+        "--restore",
+        metavar="PATH",
+        help="start from this checkpoint (a checkpoints/<step> folder, or a workdir for its "
+        "latest), even if the workdir has its own; same as --config.checkpoint.restore",
+    )
     plan.add_parser(sub)
     launch.add_parser(sub)
     return parser

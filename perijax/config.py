@@ -27,6 +27,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DATA_SOURCES = ("stdlib", "synthetic")
 REMAT = ("none", "minimal", "full")
 ATTENTION = ("xla", "cudnn", "splash")
+ON_BAD_STEPS = ("rollback", "stop")
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,26 @@ class TrainConfig:
     log_every_steps: int = 10
     eval_every_steps: int = 200  # 0: evaluate only at the end
     eval_batches: int = 8
+    # Divergence guard (docs/checkpointing.md): a step with a non-finite loss or gradient, or a
+    # loss above loss_spike_factor x the recent average (0: off), leaves params untouched.
+    skip_bad_steps: bool = True
+    loss_spike_factor: float = 0.0
+    max_consecutive_bad_steps: int = 5  # then: roll back to the last checkpoint, or stop
+    on_repeated_bad_steps: str = "rollback"  # rollback | stop
+    rollback_skips_batches: bool = True  # after a rollback, continue with fresh batches
+    max_rollbacks: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints in WORKDIR/checkpoints (docs/checkpointing.md)."""
+
+    every_steps: int = 500  # 0: only at the end and on preemption
+    every_minutes: float = 0.0  # 0: off; else also save when this much time has passed
+    keep: int = 3  # most recent checkpoints kept (0: all)
+    keep_every_steps: int = 0  # also keep every checkpoint at a multiple of this (0: off)
+    async_save: bool = True
+    restore: str = ""  # a checkpoint step folder, checkpoints folder or workdir to start from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +163,7 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
 
@@ -363,3 +385,10 @@ def validate(cfg: Config) -> None:
     )
     _require(math.isfinite(o.lr), f"optim.lr must be finite, got {o.lr}")
     _require(cfg.mesh.dcn_data >= 1, f"mesh.dcn_data must be >= 1, got {cfg.mesh.dcn_data}")
+    _one_of("train.on_repeated_bad_steps", t.on_repeated_bad_steps, ON_BAD_STEPS)
+    _positive(t, "train", "max_consecutive_bad_steps")
+    _require(t.loss_spike_factor >= 0, "train.loss_spike_factor must be >= 0 (0 disables it)")
+    _require(t.max_rollbacks >= 0, f"train.max_rollbacks must be >= 0, got {t.max_rollbacks}")
+    c = cfg.checkpoint
+    for key in ("every_steps", "every_minutes", "keep", "keep_every_steps"):
+        _require(getattr(c, key) >= 0, f"checkpoint.{key} must be >= 0, got {getattr(c, key)}")

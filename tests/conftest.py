@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices (so sharding code paths are exercised) and a persistent
-compilation cache (repeated CPU compiles are ~4x faster). Both must be set before jax starts."""
+compilation cache (repeated CPU compiles are ~4x faster). Both must be set before jax starts;
+they are environment variables so that subprocesses started by tests inherit them."""
 
 import os
 import tempfile
@@ -9,13 +10,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
-
-import jax  # noqa: E402
-
-jax.config.update(
-    "jax_compilation_cache_dir",
-    os.environ.get(
-        "PERIJAX_TEST_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "perijax-jax-cache")
-    ),
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "perijax-jax-cache")
 )
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
