@@ -1,4 +1,7 @@
-"""Training data: token corpora (stdlib, synthetic) and the Grain batch iterators over them."""
+"""Training data: token corpora (stdlib, synthetic, prepared shards), `perijax prepare`, and the
+Grain iterators over them. `open_datasets` is the trainer's entry point (docs/data.md); the
+`perijax prepare` command lives in perijax.data.prepare (imported on demand: it is also run as
+`python -m perijax.data.prepare`)."""
 
 from perijax.data.corpus import (
     EOD_TOKEN,
@@ -9,15 +12,35 @@ from perijax.data.corpus import (
     stdlib_files,
     synthetic_token_data,
 )
+from perijax.data.datasets import (
+    OPEN_SOURCES,
+    Datasets,
+    TrainIterator,
+    open_datasets,
+    parse_mixture,
+)
 from perijax.data.loader import WindowSource, eval_batches, train_batches
+from perijax.data.packing import PackedWindows, TokenStream
+from perijax.data.shards import open_prepared
+from perijax.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "EOD_TOKEN",
+    "OPEN_SOURCES",
     "SOURCES",
+    "Datasets",
+    "PackedWindows",
     "TokenData",
+    "TokenStream",
+    "Tokenizer",
+    "TrainIterator",
     "WindowSource",
     "eval_batches",
     "load_token_data",
+    "load_tokenizer",
+    "open_datasets",
+    "open_prepared",
+    "parse_mixture",
     "split_files",
     "stdlib_files",
     "synthetic_token_data",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import grain
 import numpy as np
 
 
@@ -103,6 +102,8 @@ def train_batches(
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed} must be in [0, 2**32) for Grain's shuffle")
+    import grain  # here, not at the top: it takes ~0.8 s, and `perijax prepare` never needs it
+
     source = WindowSource(tokens, seq_len)
     needed = batch_size * process_count
     if len(source) < needed:

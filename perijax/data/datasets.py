@@ -1,0 +1,396 @@
+"""`open_datasets`: the trainer's entry point to every data source, and the resumable,
+process-count-independent Grain training iterator.
+
+The global stream is a pure function of (datasets, weights, seed, seq_len): global sample g of
+component c is window ``shuffle_e(k)`` of c's packed training stream, where the mixture assigns
+g to (c, k) by Grain's deterministic weighted interleave and e = k // (c's window count) is the
+epoch (each epoch is a fresh permutation). Global batch s holds samples ``s*B ... s*B + B - 1``;
+process p of P reads only rows ``p*b ... p*b + b - 1`` (b = B / P). The iterator state is the
+number of global batches consumed, so it restores under any process count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from perijax.data.corpus import TokenData, load_token_data
+from perijax.data.packing import PackedWindows, TokenStream, doc_offsets_from_eod
+from perijax.data.shards import PreparedDataset, open_prepared
+
+OPEN_SOURCES = ("stdlib", "synthetic", "prepared")
+STATE_VERSION = 1
+
+
+class _Member:
+    """One dataset of a mixture: its train/val streams and its normalized weight."""
+
+    def __init__(self, name: str, weight: float, train: TokenStream, val: TokenStream, key: str):
+        self.name = name
+        self.weight = weight
+        self.train = train
+        self.val = val
+        self.key = key  # identifies the content, for checkpointed iterator states
+
+
+class Datasets:
+    """Train and validation data of one source or a weighted mixture of prepared datasets.
+
+    Attributes:
+      name: short label, e.g. "stdlib-bpe4096", "owt" or "mix(owt=0.7,code=0.3)".
+      vocab_size: number of ids the tokenizer can produce (all ids are < vocab_size).
+      train_tokens, val_tokens: tokens in the train / validation splits (all members).
+      tokenizer: "bytes", "cl100k_base", "json" (a tokenizer.json), "bpe" (stdlib) or None.
+      tokenizer_path: the tokenizer.json file, when the tokenizer is one.
+      eod_id: the end-of-document id, or None when documents are not separated.
+      members: [(name, weight)] of the mixture, one entry for a single dataset.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        vocab_size: int,
+        tokenizer: str | None,
+        tokenizer_path: str | None,
+        eod_id: int | None,
+        members: list[_Member],
+    ):
+        self.name = name
+        self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
+        self.tokenizer_path = tokenizer_path
+        self.eod_id = eod_id
+        self._members = members
+        self.members = [(m.name, m.weight) for m in members]
+        self.train_tokens = sum(len(m.train) for m in members)
+        self.val_tokens = sum(len(m.val) for m in members)
+        self._key = hashlib.sha256(
+            json.dumps([(m.key, m.weight) for m in members]).encode()
+        ).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (
+            f"Datasets({self.name!r}, vocab_size={self.vocab_size}, "
+            f"train_tokens={self.train_tokens:,}, val_tokens={self.val_tokens:,})"
+        )
+
+    @classmethod
+    def from_token_data(cls, data: TokenData) -> Datasets:
+        """Wraps an in-memory or cached corpus (the stdlib and synthetic sources)."""
+        train = TokenStream(arrays=[(data.train, doc_offsets_from_eod(data.train, data.eod_id))])
+        val = TokenStream(arrays=[(data.val, doc_offsets_from_eod(data.val, data.eod_id))])
+        # Content key: name + sizes + a sample of tokens (hashing all of stdlib would cost ~1 s).
+        probe = np.asarray(data.train[:: max(1, len(data.train) // 4096)], np.int64).tobytes()
+        key = f"{data.name}:{len(data.train)}:{hashlib.sha256(probe).hexdigest()[:16]}"
+        kind = None
+        if data.tokenizer_path:
+            kind = "bpe"
+        elif data.name.startswith("stdlib"):
+            kind = "bytes"
+        return cls(
+            name=data.name,
+            vocab_size=data.vocab_size,
+            tokenizer=kind,
+            tokenizer_path=data.tokenizer_path,
+            eod_id=data.eod_id,
+            members=[_Member(data.name, 1.0, train, val, key)],
+        )
+
+    # --- training -------------------------------------------------------------------------
+
+    def train_iterator(
+        self,
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_threads: int = 2,
+        prefetch: int = 4,
+        with_segment_ids: bool = False,
+    ) -> TrainIterator:
+        """Endless shuffled training batches: this process's rows of each global batch.
+
+        Args:
+          seq_len: tokens per model input; rows hold seq_len + 1 (targets are shifted by one).
+          global_batch_size: B, rows of a global batch over all processes.
+          seed: in [0, 2**32); the same on every process.
+          process_index, process_count: p and P (jax.process_index/count()); P must divide B.
+          num_threads, prefetch: Grain read threads and local batches read ahead.
+          with_segment_ids: yield {"tokens", "segment_ids"} dicts instead of arrays; segment
+            ids number the documents in each row from 1 (see PackedWindows).
+
+        Returns:
+          A TrainIterator yielding [B / P, seq_len + 1] int32 arrays: rows p*b ... (p+1)*b - 1
+          of global batch s (b = B / P), so concatenating all processes' arrays gives the
+          global batch, whatever P is.
+        """
+        import grain  # imported on use: it takes ~0.8 s, which `perijax prepare` workers skip
+
+        B, P = global_batch_size, process_count
+        if B < 1 or P < 1 or B % P:
+            raise ValueError(
+                f"global_batch_size={B} must be a positive multiple of process_count={P}"
+            )
+        if not 0 <= process_index < P:
+            raise ValueError(f"process_index={process_index} not in [0, {P})")
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"seed={seed} must be in [0, 2**32)")
+        if num_threads < 0 or prefetch < 0:
+            raise ValueError(f"num_threads={num_threads} and prefetch={prefetch} must be >= 0")
+        parts = []
+        for c, m in enumerate(self._members):
+            source = PackedWindows(m.train, seq_len, with_segment_ids)
+            needed = max(1, math.ceil(m.weight * B))  # windows in this member's share of a batch
+            if len(source) < needed:
+                share = f" ({m.weight:.0%} of it)" if len(self._members) > 1 else ""
+                raise ValueError(
+                    f"dataset {m.name} too small: a global batch of {B} x {seq_len + 1} tokens"
+                    f"{share} needs {needed * seq_len + 1:,} train tokens, it has {len(m.train):,}"
+                    f" (lower data.seq_len or global_batch_size, or add data)"
+                )
+            # Member 0 uses `seed` itself, so one dataset alone shuffles as `seed` says.
+            member_seed = seed
+            if c:
+                member_seed = int(np.random.SeedSequence([seed, c]).generate_state(1)[0])
+            parts.append(grain.MapDataset.source(source).shuffle(seed=member_seed).repeat())
+        if len(parts) == 1:
+            samples = parts[0]
+        else:
+            samples = grain.MapDataset.mix(parts, [m.weight for m in self._members])
+        b = B // P
+        # Local batch r = s*P + p of size b holds global samples s*B + p*b + j: slicing after
+        # batching makes each process read only its own rows.
+        local = samples.batch(b, drop_remainder=True)[process_index::P]
+        options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+        spec = {"dataset": self._key, "seed": seed, "seq_len": seq_len}
+        return TrainIterator(iter(local.to_iter_dataset(options)), B, spec)
+
+    # --- evaluation -----------------------------------------------------------------------
+
+    def eval_batches(
+        self, *, seq_len: int, batch_size: int, num_batches: int, with_segment_ids: bool = False
+    ) -> list:
+        """Held-out batches in a fixed order (no shuffle), the same on every process.
+
+        Rows are consecutive windows of each member's validation stream; a mixture interleaves
+        its members by weight (the same rule as training, without repetition).
+
+        Returns:
+          Up to `num_batches` [batch_size, seq_len + 1] int32 arrays (dicts with
+          `with_segment_ids`); fewer when the split runs out, never a partial batch.
+        """
+        import grain
+
+        if batch_size < 1 or num_batches < 1:
+            raise ValueError(f"batch_size={batch_size} and num_batches={num_batches} must be >= 1")
+        sources = [PackedWindows(m.val, seq_len, with_segment_ids) for m in self._members]
+        for m, source in zip(self._members, sources, strict=True):
+            if len(source) == 0:
+                raise ValueError(
+                    f"eval split of {m.name} too small: a window of seq_len={seq_len} needs "
+                    f"{seq_len + 1} tokens, val has {len(m.val):,}"
+                )
+        rows = grain.MapDataset.source(sources[0])
+        if len(sources) > 1:
+            rows = grain.MapDataset.mix(
+                [grain.MapDataset.source(s) for s in sources], [m.weight for m in self._members]
+            )
+        count = min(num_batches, len(rows) // batch_size)
+        if count == 0:
+            raise ValueError(
+                f"eval split too small: one batch of {batch_size} windows of seq_len={seq_len} "
+                f"needs {batch_size * seq_len + 1:,} tokens, val of {self.name} has "
+                f"{self.val_tokens:,}"
+            )
+        batched = rows.batch(batch_size, drop_remainder=True)
+        return [batched[j] for j in range(count)]
+
+
+class TrainIterator:
+    """The process-local view of the global training stream, with a global, resumable state.
+
+    `get_state()` is JSON-serializable and the same on every process:
+    ``{"global_batches": s, "global_samples": s * B, "global_batch_size": B, "seed": ...,
+    "seq_len": ..., "dataset": key, "version": 1}``. `set_state()` accepts a state saved under any
+    process count (and any global batch size that divides `global_samples`). Save it with the
+    checkpoint as JSON (e.g. `ocp.args.JsonSave`); Grain's own checkpoint handler keys its files
+    by process count, so it cannot restore under another one.
+    """
+
+    def __init__(self, it, global_batch_size: int, spec: dict):
+        self._it = it
+        self.global_batch_size = global_batch_size
+        self._spec = spec
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        s = int(self._it.get_state()["next_index"])
+        return {
+            "version": STATE_VERSION,
+            "global_batches": s,
+            "global_samples": s * self.global_batch_size,
+            "global_batch_size": self.global_batch_size,
+            **self._spec,
+        }
+
+    def set_state(self, state: dict) -> None:
+        """Continues from `state` (from get_state, possibly of another process count)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data iterator state version {state.get('version')} is unknown")
+        for key, value in self._spec.items():
+            if state.get(key) != value:
+                what = "the datasets or weights" if key == "dataset" else key
+                raise ValueError(
+                    f"data iterator state was saved with different {what} "
+                    f"({state.get(key)!r} != {value!r}); it resumes only the same stream"
+                )
+        samples = int(state["global_samples"])
+        if samples % self.global_batch_size:
+            raise ValueError(
+                f"data iterator state is at global sample {samples}, not a multiple of "
+                f"global_batch_size={self.global_batch_size}"
+            )
+        inner = dict(self._it.get_state())
+        inner["next_index"] = samples // self.global_batch_size
+        self._it.set_state(inner)
+
+
+# --- opening ------------------------------------------------------------------------------
+
+
+def parse_mixture(path: str) -> list[tuple[str, float]]:
+    """ "DIR" or "DIR_A=0.7,DIR_B=0.3" -> [(dir, normalized weight)]."""
+    items = [item.strip() for item in path.split(",") if item.strip()]
+    if not items:
+        raise ValueError("data.path is empty: give a prepared dataset folder (perijax prepare)")
+    if len(items) == 1 and "=" not in items[0]:
+        return [(items[0], 1.0)]
+    members = []
+    for item in items:
+        folder, sep, weight = item.rpartition("=")
+        try:
+            value = float(weight) if sep else float("nan")
+        except ValueError:
+            value = float("nan")
+        if not sep or not folder or not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"bad mixture member {item!r} in data.path={path!r}: write DIR=WEIGHT with a "
+                "positive weight for every member, e.g. DIR_A=0.7,DIR_B=0.3"
+            )
+        members.append((folder, value))
+    names = [str(Path(f).resolve()) for f, _ in members]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data.path={path!r} names a dataset twice")
+    total = sum(w for _, w in members)
+    return [(f, w / total) for f, w in members]
+
+
+def _describe(tok: dict) -> str:
+    return f"{tok['name']} ({tok['vocab_size']:,} ids)"
+
+
+def open_datasets(
+    source: str,
+    *,
+    path: str = "",
+    vocab_size: int,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    val_fraction: float = 0.05,
+    log: Callable[[str], None] = print,
+    verify: bool = True,
+) -> Datasets:
+    """Opens the training and validation data of `source`.
+
+    Args:
+      source: "stdlib" or "synthetic" (corpus.load_token_data: prepared on first use), or
+        "prepared": `path` is a folder written by `perijax prepare`, or a weighted mixture
+        "DIR_A=0.7,DIR_B=0.3" (weights are normalized).
+      vocab_size: the model's vocabulary; a dataset whose tokenizer has more ids is an error.
+      seed: seeds the synthetic stream (the training shuffle takes its seed separately).
+      cache_dir, val_fraction: for stdlib (prepared datasets hold a fixed validation split).
+      log: receives one-line messages.
+      verify: check every shard's sha256 (reads all data once, in threads: docs/data.md has
+        the cost); sizes are always checked.
+
+    Raises:
+      ValueError with a one-line message: unknown source, bad path or mixture, an unfinished
+      or corrupt dataset, a tokenizer larger than `vocab_size`, members of a mixture with
+      different tokenizers.
+    """
+    if source in ("stdlib", "synthetic"):
+        if path:
+            raise ValueError(f"data.path={path!r} is only read when data.source='prepared'")
+        data = load_token_data(
+            source, vocab_size, cache_dir=cache_dir, val_fraction=val_fraction, seed=seed, log=log
+        )
+        return Datasets.from_token_data(data)
+    if source != "prepared":
+        raise ValueError(
+            f"unknown data.source {source!r}: expected one of {', '.join(OPEN_SOURCES)}"
+        )
+
+    opened: list[tuple[PreparedDataset, float]] = []
+    for folder, weight in parse_mixture(path):
+        t0 = time.perf_counter()
+        ds = open_prepared(folder, verify=verify)
+        tok = ds.tokenizer
+        if tok["vocab_size"] > vocab_size:
+            raise ValueError(
+                f"dataset {folder} is tokenized with {_describe(tok)} but the model's vocab_size "
+                f"is {vocab_size:,}: set model.vocab_size >= {tok['vocab_size']} or prepare it "
+                "with a smaller tokenizer"
+            )
+        if opened and tok["identity"] != opened[0][0].tokenizer["identity"]:
+            first = opened[0][0]
+            raise ValueError(
+                f"mixture members use different tokenizers: {first.path} has "
+                f"{_describe(first.tokenizer)}, {folder} has {_describe(tok)}"
+            )
+        splits = ds.manifest["splits"]
+        checked = "sha256 verified" if verify else "sizes checked"
+        log(
+            f"opened {folder}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} "
+            f"val tokens in {len(ds.train)} shards, {_describe(tok)}, {checked} in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+        opened.append((ds, weight))
+
+    members = [
+        _Member(
+            str(ds.path) if len(opened) > 1 else ds.manifest["name"],
+            weight,
+            TokenStream(shards=ds.train),
+            TokenStream(shards=ds.val),
+            ds.manifest["content_sha256"],
+        )
+        for ds, weight in opened
+    ]
+    first = opened[0][0]
+    if len(opened) == 1:
+        name = first.manifest["name"]
+    else:
+        name = "mix(" + ",".join(f"{ds.manifest['name']}={w:.2f}" for ds, w in opened) + ")"
+    tok = first.tokenizer
+    return Datasets(
+        name=name,
+        vocab_size=tok["vocab_size"],
+        tokenizer=tok["kind"],
+        tokenizer_path=str(first.path / tok["file"]) if tok.get("file") else None,
+        eod_id=tok["eod_id"],
+        members=members,
+    )
