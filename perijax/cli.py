@@ -4,6 +4,7 @@ the library.
     perijax train [--config FILE[:ARG]] [--workdir DIR] [--config.SECTION.KEY=VALUE ...]
     perijax plan  [--config FILE[:ARG]] --devices N --accelerator NAME [--config.X=V ...]
     perijax launch-local -n N [--devices-per-process D] -- train ...
+    perijax prepare INPUTS... --out DIR --tokenizer cl100k_base   (docs/data.md)
 
 Errors in the user's input print one line to stderr and exit with status 2, before anything is
 computed or written.
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_parser(sub)
     launch.add_parser(sub)
+    from perijax.data import prepare
+
+    prepare.add_prepare_parser(sub)
     return parser
 
 
@@ -160,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         from perijax import launch
 
         return launch.run(args)
+    if args.command == "prepare":
+        from perijax.data import prepare
+
+        return prepare.run_prepare(args)
     return _fail(f"unknown command {args.command!r}")
 
 

@@ -24,7 +24,7 @@ QK_NORMS = ("none", "per_head", "full")
 DTYPES = ("auto", "float32", "bfloat16")
 PARAM_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
-DATA_SOURCES = ("stdlib", "synthetic")
+DATA_SOURCES = ("stdlib", "synthetic", "prepared")
 REMAT = ("none", "minimal", "full")
 ATTENTION = ("xla", "cudnn", "splash")
 ON_BAD_STEPS = ("rollback", "stop")
@@ -79,7 +79,10 @@ class ModelConfig:
 class DataConfig:
     """Where tokens come from (docs/configs.md); the full pipeline lives in perijax.data."""
 
-    source: str = "stdlib"  # stdlib: the interpreter's own .py files (no download) | synthetic
+    source: str = (
+        "stdlib"  # stdlib: the interpreter's .py files (no download) | synthetic | prepared
+    )
+    path: str = ""  # prepared: a `perijax prepare` folder, or a mixture "DIR_A=0.7,DIR_B=0.3"
     seq_len: int = 128
     cache_dir: str = ""  # "": $PERIJAX_CACHE, else ~/.cache/perijax
     val_fraction: float = 0.05
@@ -125,6 +128,18 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TelemetryConfig:
+    """Stability metrics (docs/telemetry.md): per-layer statistics computed inside the step on
+    log steps only, and spike counters updated every step."""
+
+    enabled: bool = True
+    grad_spike_factor: float = 3.0  # grad-norm spike: > factor x running median
+    loss_spike_factor: float = 1.2  # loss spike: > factor x running median
+    spike_window: int = 64  # steps in the running median
+    spike_min_history: int = 16  # steps of history before spikes are counted
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints in WORKDIR/checkpoints (docs/checkpointing.md)."""
 
@@ -164,6 +179,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
 
@@ -361,6 +377,10 @@ def validate(cfg: Config) -> None:
 
     _one_of("data.source", d.source, DATA_SOURCES)
     _positive(d, "data", "seq_len", "num_threads", "prefetch")
+    _require(
+        (d.source == "prepared") == bool(d.path),
+        "data.path names a `perijax prepare` folder and is used exactly when data.source=prepared",
+    )
     _require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
 
     _one_of("optim.schedule", o.schedule, SCHEDULES)
@@ -389,6 +409,12 @@ def validate(cfg: Config) -> None:
     _positive(t, "train", "max_consecutive_bad_steps")
     _require(t.loss_spike_factor >= 0, "train.loss_spike_factor must be >= 0 (0 disables it)")
     _require(t.max_rollbacks >= 0, f"train.max_rollbacks must be >= 0, got {t.max_rollbacks}")
+    tm = cfg.telemetry
+    _positive(tm, "telemetry", "grad_spike_factor", "loss_spike_factor", "spike_window")
+    _require(
+        0 < tm.spike_min_history <= tm.spike_window,
+        "telemetry.spike_min_history must be in [1, telemetry.spike_window]",
+    )
     c = cfg.checkpoint
     for key in ("every_steps", "every_minutes", "keep", "keep_every_steps"):
         _require(getattr(c, key) >= 0, f"checkpoint.{key} must be >= 0, got {getattr(c, key)}")

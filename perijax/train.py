@@ -8,6 +8,7 @@ top to bottom in sections: data -> init -> compile -> loop (batch, step, log, ev
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from perijax import checkpoint as checkpoint_lib
 from perijax import data as data_lib
 from perijax import sharding as sharding_lib
 from perijax.checkpoint import Checkpointer, resolve_restore_path
@@ -30,11 +32,13 @@ from perijax.config import Config, ConfigError, to_dict
 from perijax.metrics import (
     MetricWriter,
     cross_entropy,
+    expand_layers,
     format_duration,
     global_norm,
     progress_line,
 )
 from perijax.model import Transformer, check_backend, compute_dtype
+from perijax.norms import NORM_ROLES
 from perijax.optim import lr_schedule, make_optimizer
 
 
@@ -53,6 +57,16 @@ class Guard:
     spike_window: int = 100  # the recent average is a running mean over about this many steps
 
 
+@dataclasses.dataclass(frozen=True)
+class Spikes:
+    """Static spike definitions (docs/telemetry.md)."""
+
+    grad_factor: float = 3.0
+    loss_factor: float = 1.2
+    window: int = 64
+    min_history: int = 16
+
+
 class TrainState(struct.PyTreeNode):
     """Everything a step changes (step, params, optimizer state, divergence-guard counters)
     plus the static pieces needed to apply them (model graph, optimizer, schedule, guard)."""
@@ -65,10 +79,16 @@ class TrainState(struct.PyTreeNode):
     bad_streak: jax.Array  # consecutive skipped steps
     skipped_steps: jax.Array  # total skipped steps
     needs_rollback: jax.Array  # bad_streak reached the limit since the last check
+    grad_history: jax.Array  # [window] recent finite grad norms (NaN: empty), for spike counts
+    loss_history: jax.Array  # [window] recent finite losses
+    history_count: jax.Array
+    grad_spikes: jax.Array
+    loss_spikes: jax.Array
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     lr_fn: optax.Schedule = struct.field(pytree_node=False)
     guard: Guard = struct.field(pytree_node=False, default=Guard())
+    spikes: Spikes = struct.field(pytree_node=False, default=Spikes())
 
 
 def create_state(cfg: Config) -> TrainState:
@@ -87,10 +107,21 @@ def create_state(cfg: Config) -> TrainState:
         bad_streak=zero(),
         skipped_steps=zero(),
         needs_rollback=jnp.zeros((), bool),
+        grad_history=jnp.full((cfg.telemetry.spike_window,), jnp.nan, jnp.float32),
+        loss_history=jnp.full((cfg.telemetry.spike_window,), jnp.nan, jnp.float32),
+        history_count=zero(),
+        grad_spikes=zero(),
+        loss_spikes=zero(),
         graphdef=graphdef,
         tx=tx,
         lr_fn=lr_schedule(cfg.optim, t.total_steps),
         guard=Guard(t.skip_bad_steps, t.loss_spike_factor, t.max_consecutive_bad_steps),
+        spikes=Spikes(
+            cfg.telemetry.grad_spike_factor,
+            cfg.telemetry.loss_spike_factor,
+            cfg.telemetry.spike_window,
+            cfg.telemetry.spike_min_history,
+        ),
     )
 
 
@@ -117,48 +148,142 @@ def init_state(cfg: Config, mesh: Mesh) -> TrainState:
         return jax.jit(lambda: create_state(cfg), out_shardings=state_shardings(cfg, mesh))()
 
 
-def compile_train_step(cfg: Config, mesh: Mesh, shardings: TrainState | None = None):
+def compile_train_step(
+    cfg: Config, mesh: Mesh, shardings: TrainState | None = None, telemetry_on: bool = False
+):
     """`train_step` jitted with explicit in/out shardings and the state donated."""
     shardings = shardings or state_shardings(cfg, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
-        train_step,
+        functools.partial(train_step, telemetry_on=telemetry_on),
         in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 3)),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
 
 
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, tokens: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy. tokens: [B, T + 1] int32."""
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, tokens: jax.Array, collect: bool = False):
+    """(mean next-token cross-entropy, per-layer stats or None). tokens: [B, T + 1] int32."""
     model = nnx.merge(graphdef, params)
-    logits = model(tokens[:, :-1])
+    out = model(tokens[:, :-1], collect_stats=collect)
+    logits, stats = out if collect else (out, None)
     total, count = cross_entropy(logits, tokens[:, 1:])
-    return total / count
+    return total / count, stats
 
 
-def loss_and_grads(state: TrainState, batch: jax.Array) -> tuple[jax.Array, nnx.State]:
-    """Mean loss and gradient over `batch` [A, B/A, T + 1], accumulated over the A micro-batches
-    with a scan (all have the same token count, so the mean of the micro-batch means is the
-    full-batch mean)."""
-    grad_fn = jax.value_and_grad(loss_fn)
+def loss_and_grads(state: TrainState, batch: jax.Array, collect: bool = False):
+    """Mean loss, gradient (and with `collect`, per-layer stats) over `batch` [A, B/A, T + 1],
+    accumulated over the A micro-batches with a scan (all have the same token count, so the mean
+    of the micro-batch means is the full-batch mean). Returns (loss, grads[, stats])."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if batch.shape[0] == 1:
-        return grad_fn(state.params, state.graphdef, batch[0])
+        (loss, stats), grads = grad_fn(state.params, state.graphdef, batch[0], collect)
+        return (loss, grads, stats) if collect else (loss, grads)
 
     def accumulate(carry, micro_batch):
-        loss, grads = grad_fn(state.params, state.graphdef, micro_batch)
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        (loss, stats), grads = grad_fn(state.params, state.graphdef, micro_batch, collect)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), stats
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
-    return jax.tree.map(lambda x: x / batch.shape[0], (loss, grads))
+    (loss, grads), stats = jax.lax.scan(accumulate, zeros, batch)
+    loss, grads = jax.tree.map(lambda x: x / batch.shape[0], (loss, grads))
+    if not collect:
+        return loss, grads
+    # Stats of the whole batch: means over micro-batches, except the maximum.
+    combined = {
+        sub: {k: (v.max(0) if k == "max_abs" else v.mean(0)) for k, v in d.items()}
+        for sub, d in stats.items()
+    }
+    return loss, grads, combined
 
 
-def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+def _per_layer_norms(blocks: Any, scanned: bool, num_layers: int) -> jax.Array:
+    """[L] L2 norms of each layer's part of a params-shaped tree."""
+    if scanned:
+        leaves = jax.tree.leaves(blocks)
+        sq = sum(
+            jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim))) for x in leaves
+        )
+        return jnp.sqrt(sq)
+    return jnp.stack([global_norm(blocks[i]) for i in range(num_layers)])
+
+
+def _group(path: str) -> str:
+    if "norm" in path:
+        return "norm"
+    for group in ("attn", "mlp", "embed", "lm_head"):
+        if group in path.split("."):
+            return "head" if group == "lm_head" else group
+    return "other"
+
+
+def telemetry(state: TrainState, grads: Any, params: Any, stats: dict) -> dict[str, jax.Array]:
+    """Per-layer stability metrics (docs/telemetry.md). Keys holding "{}" are [L] arrays that the
+    host expands to one metric per layer (`stability/resid_var/07/attn`)."""
+    model_cfg = nnx.merge(state.graphdef, state.params).cfg
+    scanned, num_layers = model_cfg.scan_layers, model_cfg.num_layers
+    out: dict[str, jax.Array] = {}
+    for sub, values in stats.items():
+        for name, value in values.items():
+            out[f"stability/{name}/{{}}/{sub}"] = value
+    out["stability/max_abs"] = jnp.max(jnp.stack([v["max_abs"].max() for v in stats.values()]))
+    out["stability/grad_norm/{}"] = _per_layer_norms(grads["blocks"], scanned, num_layers)
+    old_norm = _per_layer_norms(state.params["blocks"], scanned, num_layers)
+    delta = jax.tree.map(jnp.subtract, params["blocks"], state.params["blocks"])
+    out["stability/update_ratio/{}"] = _per_layer_norms(delta, scanned, num_layers) / old_norm
+    groups: dict[str, list] = {}
+    for key, leaf in checkpoint_lib.flatten(grads).items():
+        groups.setdefault(_group(key), []).append(jnp.sum(jnp.square(leaf.astype(jnp.float32))))
+    for group, squares in groups.items():
+        out[f"stability/grad_norm_group/{group}"] = jnp.sqrt(sum(squares))
+    if model_cfg.learnable_norm_scale:
+        for sub in ("attn", "mlp"):
+            for role in NORM_ROLES[model_cfg.ln_placement]:
+                key = f"{sub}_{role}_norm"
+                if scanned:
+                    gamma = jnp.mean(params["blocks"][key]["scale"][...], axis=1)
+                else:
+                    gamma = jnp.stack(
+                        [
+                            jnp.mean(params["blocks"][i][key]["scale"][...])
+                            for i in range(num_layers)
+                        ]
+                    )
+                out[f"stability/gamma/{{}}/{sub}_{role}"] = gamma
+    return out
+
+
+def _count_spikes(state: TrainState, loss: jax.Array, grad_norm: jax.Array) -> dict:
+    """Spike counters, updated every step: a value above factor x the running median of the last
+    `window` finite values (counted once `min_history` values exist)."""
+    sp = state.spikes
+    ready = state.history_count >= sp.min_history
+    grad_spike = ready & (grad_norm > sp.grad_factor * jnp.nanmedian(state.grad_history))
+    loss_spike = ready & (loss > sp.loss_factor * jnp.nanmedian(state.loss_history))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    pos = state.history_count % sp.window
+    keep = lambda hist, v: jnp.where(finite, hist.at[pos].set(v), hist)  # noqa: E731
+    return {
+        "grad_history": keep(state.grad_history, grad_norm.astype(jnp.float32)),
+        "loss_history": keep(state.loss_history, loss.astype(jnp.float32)),
+        "history_count": state.history_count + finite,
+        "grad_spikes": state.grad_spikes + grad_spike,
+        "loss_spikes": state.loss_spikes + loss_spike,
+    }
+
+
+def train_step(
+    state: TrainState, batch: jax.Array, telemetry_on: bool = False
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from the global batch laid out [B/A, A, T + 1]: micro-batch a is
     `batch[:, a]`. Axis 0 is the sharded batch axis, so every device holds rows of every
-    micro-batch and each process feeds its own contiguous block of rows."""
-    loss, grads = loss_and_grads(state, batch.swapaxes(0, 1))
+    micro-batch and each process feeds its own contiguous block of rows.
+
+    `telemetry_on` (static) adds the per-layer stability metrics; the trainer compiles that
+    variant separately and runs it on log steps only, so other steps pay nothing for it.
+    """
+    out = loss_and_grads(state, batch.swapaxes(0, 1), telemetry_on)
+    loss, grads = out[:2]
     grad_norm = global_norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -174,6 +299,7 @@ def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[st
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    spike_counts = _count_spikes(state, loss, grad_norm)
     n = jnp.minimum(state.accepted_steps + 1, g.spike_window).astype(jnp.float32)
     loss_avg = jnp.where(ok, state.loss_avg + (loss - state.loss_avg) / n, state.loss_avg)
     bad_streak = jnp.where(ok, 0, state.bad_streak + 1)
@@ -186,6 +312,7 @@ def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[st
         bad_streak=bad_streak,
         skipped_steps=state.skipped_steps + (~ok),
         needs_rollback=state.needs_rollback | (bad_streak >= g.max_consecutive_bad_steps),
+        **spike_counts,
     )
     metrics = {
         "train/loss": loss,
@@ -195,7 +322,11 @@ def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[st
         "guard/skipped_steps": new_state.skipped_steps,
         "guard/bad_streak": bad_streak,
         "guard/needs_rollback": new_state.needs_rollback,
+        "spikes/grad_norm": new_state.grad_spikes,
+        "spikes/loss": new_state.loss_spikes,
     }
+    if telemetry_on:
+        metrics.update(telemetry(state, grads, params, out[2]))
     return new_state, metrics
 
 
@@ -217,15 +348,16 @@ def evaluate(eval_fn: Callable, state: TrainState, batches: list[jax.Array]) -> 
     return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 80.0)))}
 
 
-def load_data(cfg: Config, log: Callable[[str], None] = print) -> data_lib.TokenData:
-    """Loads (preparing on first use) the configured tokens and checks them against the model."""
+def load_data(cfg: Config, log: Callable[[str], None] = print) -> data_lib.Datasets:
+    """Opens (preparing on first use) the configured data and checks it against the model."""
     try:
-        data = data_lib.load_token_data(
+        data = data_lib.open_datasets(
             cfg.data.source,
-            cfg.model.vocab_size,
+            path=cfg.data.path,
+            vocab_size=cfg.model.vocab_size,
+            seed=cfg.train.seed,
             cache_dir=cfg.data.cache_dir or None,
             val_fraction=cfg.data.val_fraction,
-            seed=cfg.train.seed,
             log=log,
         )
     except ValueError as e:  # bad data settings are config errors: one line, nothing written
@@ -304,7 +436,7 @@ def train(
     cfg: Config,
     workdir: str | os.PathLike,
     *,
-    data: data_lib.TokenData | None = None,
+    data: data_lib.Datasets | None = None,
     log: Callable[[str], None] = print,
     devices: list[jax.Device] | None = None,
 ) -> dict[str, Any]:
@@ -335,18 +467,17 @@ def train(
     # --- data: each process reads only its own rows; validated before anything is written.
     data = data or load_data(cfg, log)
     try:
-        batches = data_lib.train_batches(
-            data.train,
+        batches = data.train_iterator(
             seq_len=seq_len,
-            batch_size=local_batch,
+            global_batch_size=t_cfg.global_batch_size,
             seed=t_cfg.seed,
             process_index=process,
             process_count=n_processes,
             num_threads=cfg.data.num_threads,
             prefetch=cfg.data.prefetch,
         )
-        eval_data = data_lib.eval_batches(
-            data.val, seq_len=seq_len, batch_size=micro_batch, num_batches=t_cfg.eval_batches
+        eval_data = data.eval_batches(
+            seq_len=seq_len, batch_size=micro_batch, num_batches=t_cfg.eval_batches
         )
     except ValueError as e:  # e.g. data.seq_len longer than a tiny corpus allows
         raise ConfigError(f"data '{data.name}': {e}") from e
@@ -372,13 +503,14 @@ def train(
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(
         f"model: {n_params:,} parameters, ln_placement={cfg.model.ln_placement}, "
-        f"norm={cfg.model.norm_type}, data={data.name} ({len(data.train):,} train tokens)"
+        f"norm={cfg.model.norm_type}, data={data.name} ({data.train_tokens:,} train tokens)"
     )
     log(f"mesh: {sharding_lib.describe(mesh)} over {n_processes} process(es); {source}")
 
     # --- compile: explicit shardings; donation lets XLA update the state in place.
     shardings = state_shardings(cfg, mesh)
     step_fn = compile_train_step(cfg, mesh, shardings)
+    log_step_fn = compile_train_step(cfg, mesh, shardings, telemetry_on=cfg.telemetry.enabled)
     eval_fn = jax.jit(eval_step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 2)))
     batch_sharding = sharding_lib.batch_sharding(mesh, 3)
     global_shape = (micro_batch, accum, seq_len + 1)
@@ -404,9 +536,10 @@ def train(
     with StopSignal() as stop:
         while step < t_cfg.total_steps:
             local = np.asarray(next(batches)).reshape(local_batch // accum, accum, seq_len + 1)
+            logs = (step + 1) % t_cfg.log_every_steps == 0 or step + 1 == t_cfg.total_steps
             with jax.set_mesh(mesh):
                 batch = sharding_lib.global_batch(local, batch_sharding, global_shape)
-                state, metrics = step_fn(state, batch)
+                state, metrics = (log_step_fn if logs else step_fn)(state, batch)
             step += 1
             steps_in_window += 1
             if t_loop is None:  # the first step includes compilation: report it separately
@@ -418,7 +551,7 @@ def train(
             # at log steps (with the metrics) and before a checkpoint is written.
             needs_rollback = False
             if step % t_cfg.log_every_steps == 0 or last:
-                last_train = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last_train = expand_layers(jax.device_get(metrics))
                 needs_rollback = bool(last_train.pop("guard/needs_rollback"))
                 if not t_cfg.skip_bad_steps and not np.isfinite(last_train["train/loss"]):
                     writer.write(step, last_train)

@@ -24,14 +24,24 @@ def main() -> None:
     from perijax import train as train_lib
 
     loaded = []
-    make_batches = data_lib.train_batches
+    make_iterator = data_lib.Datasets.train_iterator
 
-    def recording_batches(*args, **kwargs):
-        for batch in make_batches(*args, **kwargs):
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __next__(self):
+            batch = next(self.inner)
             loaded.append(np.array(batch))
-            yield batch
+            return batch
 
-    data_lib.train_batches = recording_batches  # the trainer looks it up through the module
+        def get_state(self):
+            return self.inner.get_state()
+
+        def set_state(self, state):
+            self.inner.set_state(state)
+
+    data_lib.Datasets.train_iterator = lambda self, **kw: Recording(make_iterator(self, **kw))
     train_lib.train(cfg, workdir, log=print)
     record_dir.mkdir(parents=True, exist_ok=True)
     np.save(record_dir / f"rank{jax.process_index()}.npy", np.stack(loaded))

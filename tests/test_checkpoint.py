@@ -141,11 +141,11 @@ def test_fsdp_checkpoint_restores_on_fewer_devices(tmp_path, straight, devices):
 def poison_batches(monkeypatch, bad_positions: set[int]):
     """Corrupt the batches at the given stream positions with out-of-vocabulary ids: the
     embedding gather then yields NaN, and so do the loss and the gradients."""
-    make = data_lib.train_batches
+    make = data_lib.Datasets.train_iterator
 
     class Poisoned:
-        def __init__(self, *args, **kwargs):
-            self.inner, self.position = make(*args, **kwargs), 0
+        def __init__(self, inner):
+            self.inner, self.position = inner, 0
 
         def __next__(self):
             batch = next(self.inner)
@@ -159,7 +159,9 @@ def poison_batches(monkeypatch, bad_positions: set[int]):
             self.inner.set_state(state["inner"])
             self.position = state["position"]
 
-    monkeypatch.setattr(data_lib, "train_batches", Poisoned)
+    monkeypatch.setattr(
+        data_lib.Datasets, "train_iterator", lambda self, **kw: Poisoned(make(self, **kw))
+    )
 
 
 def test_nan_gradient_is_skipped_without_touching_parameters(tmp_path, monkeypatch):
