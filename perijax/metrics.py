@@ -63,6 +63,19 @@ class MetricWriter:
             self._tb.close()
 
 
+def expand_layers(metrics: dict[str, Any]) -> dict[str, float]:
+    """Host-side: scalars stay; a key with "{}" holding an [L] array becomes L metrics with the
+    two-digit layer index substituted (`stability/resid_var/{}/attn` -> `.../07/attn`)."""
+    out = {}
+    for key, value in metrics.items():
+        if "{}" in key:
+            for layer, v in enumerate(value.reshape(-1).tolist()):
+                out[key.format(f"{layer:02d}")] = float(v)
+        else:
+            out[key] = float(value)
+    return out
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     if seconds >= 3600:

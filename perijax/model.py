@@ -196,11 +196,52 @@ class Block(nnx.Module):
             for role in NORM_ROLES[self.placement]
         }
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [B, T, D] residual stream -> [B, T, D]."""
-        x = residual(self.placement, x, lambda h: self.attn(h, positions), **self._norms("attn"))
-        x = residual(self.placement, x, self.mlp, **self._norms("mlp"))
-        return x
+    def __call__(self, x: jax.Array, positions: jax.Array, *, collect_stats: bool = False):
+        """x: [B, T, D] residual stream -> [B, T, D]; with `collect_stats`, also a dict
+        {"attn": stats, "mlp": stats} of scalar telemetry (`stream_stats`)."""
+        sublayers = {"attn": lambda h: self.attn(h, positions), "mlp": self.mlp}
+        stats = {}
+        for name, f in sublayers.items():
+            norms = self._norms(name)
+            if not collect_stats:
+                x = residual(self.placement, x, f, **norms)
+                continue
+            # Taps record what the sublayer outputs and what is added to the stream, without
+            # touching the placement equations in `residual`.
+            taps = {}
+            tapped = _tap(f, taps, "out")
+            if "output_norm" in norms:
+                norms = {**norms, "output_norm": _tap(norms["output_norm"], taps, "added")}
+            x = residual(self.placement, x, tapped, **norms)
+            stats[name] = stream_stats(x, taps.get("added", taps["out"]))
+        return (x, stats) if collect_stats else x
+
+
+FP16_MAX = 65504.0
+
+
+def _tap(f, taps: dict, name: str):
+    def tapped(h):
+        taps[name] = f(h)
+        return taps[name]
+
+    return tapped
+
+
+def stream_stats(stream: jax.Array, added: jax.Array) -> dict[str, jax.Array]:
+    """Scalar float32 telemetry of the residual stream after a sublayer and of what the
+    sublayer added: per-token variance over d_model (averaged), RMS, max |h|, the fraction of
+    entries beyond the float16 maximum, and the RMS of the added tensor."""
+    h = stream.astype(jnp.float32)
+    a = added.astype(jnp.float32)
+    centered = h - jnp.mean(h, axis=-1, keepdims=True)
+    return {
+        "resid_var": jnp.mean(jnp.square(centered)),
+        "resid_rms": jnp.sqrt(jnp.mean(jnp.square(h))),
+        "max_abs": jnp.max(jnp.abs(h)),
+        "frac_over_fp16": jnp.mean((jnp.abs(h) > FP16_MAX).astype(jnp.float32)),
+        "sublayer_rms": jnp.sqrt(jnp.mean(jnp.square(a))),
+    }
 
 
 REMAT_POLICIES = {
@@ -212,12 +253,14 @@ REMAT_POLICIES = {
 }
 
 
-def _block_fn(graphdef: nnx.GraphDef, positions: jax.Array, remat: str):
-    """(x, block_state) -> (x, None): one block, optionally rematerialized, shaped for scan."""
+def _block_fn(graphdef: nnx.GraphDef, positions: jax.Array, remat: str, collect: bool = False):
+    """(x, block_state) -> (x, stats or None): one block, optionally rematerialized, shaped
+    for scan (stats become [L]-stacked scan outputs)."""
 
     def body(x, state):
-        x = nnx.merge(graphdef, state)(x, positions)
-        return constrain(x, ("batch", "seq", None)), None
+        out = nnx.merge(graphdef, state)(x, positions, collect_stats=collect)
+        x, stats = out if collect else (out, None)
+        return constrain(x, ("batch", "seq", None)), stats
 
     if remat == "none":
         return body
@@ -254,7 +297,11 @@ class Transformer(nnx.Module):
             else _param(rngs, cfg.init_std, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
         )
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, *, collect_stats: bool = False
+    ):
+        """logits [B, T, V] float32; with `collect_stats` also per-layer telemetry
+        {"attn": {name: [L]}, "mlp": {name: [L]}} (see `stream_stats`)."""
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         if positions is None:
@@ -265,18 +312,23 @@ class Transformer(nnx.Module):
             x = self.embed_norm(x)
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
-            x, _ = jax.lax.scan(_block_fn(graphdef, positions, cfg.remat), x, state)
+            body = _block_fn(graphdef, positions, cfg.remat, collect_stats)
+            x, stats = jax.lax.scan(body, x, state)
         else:
+            per_layer = []
             for block in self.blocks:
                 graphdef, state = nnx.split(block)
-                x, _ = _block_fn(graphdef, positions, cfg.remat)(x, state)
+                x, layer_stats = _block_fn(graphdef, positions, cfg.remat, collect_stats)(x, state)
+                per_layer.append(layer_stats)
+            stats = jax.tree.map(lambda *v: jnp.stack(v), *per_layer) if collect_stats else None
         if self.final_norm is not None:
             x = self.final_norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum(
             "btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32
         )
-        return constrain(logits, ("batch", "seq", "vocab"))
+        logits = constrain(logits, ("batch", "seq", "vocab"))
+        return (logits, stats) if collect_stats else logits
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

@@ -1,0 +1,155 @@
+"""Stability telemetry: values equal an independent NumPy computation from a plain forward pass,
+non-log steps pay nothing for it, and spikes are counted by their definition."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_model import np_attention, np_mlp, np_norm
+
+from perijax import cli
+from perijax import train as train_lib
+from perijax.checkpoint import flatten
+from perijax.metrics import expand_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {
+    "data.source": "synthetic", "data.seq_len": "12", "model.vocab_size": "64",
+    "model.num_layers": "3", "model.d_model": "32", "model.num_heads": "4", "model.d_ff": "64",
+    "model.dtype": "float32", "train.global_batch_size": "4", "optim.warmup_steps": "0",
+    "model.init_std": "0.2",
+}  # fmt: skip
+
+
+def config(**overrides):
+    return cli._build_config(str(ROOT / "configs" / "tiny.py"), list({**BASE, **overrides}.items()))
+
+
+@pytest.mark.parametrize(
+    "placement, scan",
+    [("pre", "false"), ("post", "false"), ("peri", "false"), ("output", "false"), ("peri", "true")],
+)
+def test_telemetry_equals_numpy_forward(placement, scan):
+    cfg = config(**{"model.ln_placement": placement, "model.scan_layers": scan})
+    state = train_lib.create_state(cfg)
+    batch = np.random.default_rng(0).integers(0, 64, (4, 1, 13)).astype(np.int32)
+    new_state, metrics = jax.jit(train_lib.train_step, static_argnums=2)(state, batch, True)
+    got = expand_layers(jax.device_get(metrics))
+
+    # Independent forward in NumPy, recording the stream after each sublayer.
+    m = cfg.model
+    flat = {k: np.asarray(v, np.float64) for k, v in flatten(state.params).items()}
+
+    def layer(i):
+        prefix = f"blocks.{i}." if scan == "false" else "blocks."
+        w = {
+            k[len(prefix) :]: (v if scan == "false" else v[i])
+            for k, v in flat.items()
+            if k.startswith(prefix)
+        }
+        return w
+
+    def norm(w, name):
+        return lambda y: np_norm(y, w.get(f"{name}.scale"), None, m.norm_type, m.norm_eps)
+
+    x = flat["embed"][batch[:, 0, :-1]]
+    for i in range(m.num_layers):
+        w = layer(i)
+        attn_w = {k: w[f"attn.{k}"] for k in ("wq", "wk", "wv", "wo")}
+        mlp_w = {k: w[f"mlp.{k}"] for k in ("w_gate", "w_up", "w_down")}
+        fns = {
+            "attn": lambda y, w=attn_w: np.stack([np_attention(s, w, m) for s in y]),
+            "mlp": lambda y, w=mlp_w: np_mlp(y, w),
+        }
+        for sub, f in fns.items():
+            if placement == "pre":
+                added = f(norm(w, f"{sub}_input_norm")(x))
+                x = x + added
+            elif placement == "post":
+                added = f(x)
+                x = norm(w, f"{sub}_residual_norm")(x + added)
+            elif placement == "peri":
+                added = norm(w, f"{sub}_output_norm")(f(norm(w, f"{sub}_input_norm")(x)))
+                x = x + added
+            else:
+                added = norm(w, f"{sub}_output_norm")(f(x))
+                x = x + added
+            key = f"{i:02d}/{sub}"
+            np.testing.assert_allclose(
+                got[f"stability/resid_var/{key}"], x.var(-1).mean(), rtol=1e-4
+            )
+            np.testing.assert_allclose(
+                got[f"stability/resid_rms/{key}"], np.sqrt((x**2).mean()), rtol=1e-4
+            )
+            np.testing.assert_allclose(got[f"stability/max_abs/{key}"], np.abs(x).max(), rtol=1e-4)
+            np.testing.assert_allclose(
+                got[f"stability/sublayer_rms/{key}"], np.sqrt((added**2).mean()), rtol=1e-4
+            )
+            assert got[f"stability/frac_over_fp16/{key}"] == 0.0
+
+    # Per-layer gradient norms and update ratios from the gradient and the update themselves.
+    _, grads = jax.jit(train_lib.loss_and_grads)(state, batch.swapaxes(0, 1))
+    g, old, new = flatten(grads), flatten(state.params), flatten(new_state.params)
+    for i in range(m.num_layers):
+        if scan == "false":
+            keys = [k for k in g if k.startswith(f"blocks.{i}.")]
+            pick = lambda t, k: np.asarray(t[k])  # noqa: E731
+        else:
+            keys = [k for k in g if k.startswith("blocks.")]
+            pick = lambda t, k, i=i: np.asarray(t[k])[i]  # noqa: E731
+        gn = np.sqrt(sum((pick(g, k).astype(np.float64) ** 2).sum() for k in keys))
+        np.testing.assert_allclose(got[f"stability/grad_norm/{i:02d}"], gn, rtol=1e-4)
+        dn = np.sqrt(
+            sum(((pick(new, k) - pick(old, k)).astype(np.float64) ** 2).sum() for k in keys)
+        )
+        pn = np.sqrt(sum((pick(old, k).astype(np.float64) ** 2).sum() for k in keys))
+        np.testing.assert_allclose(got[f"stability/update_ratio/{i:02d}"], dn / pn, rtol=1e-3)
+        for k in [k for k in keys if k.endswith("_norm.scale")]:
+            name = k.split(".")[-2].removesuffix("_norm")
+            np.testing.assert_allclose(
+                got[f"stability/gamma/{i:02d}/{name}"], pick(new, k).mean(), rtol=1e-5
+            )
+
+
+def _flops(cfg, telemetry_on):
+    mesh = train_lib.setup_mesh(cfg, jax.devices()[:1])
+    step = train_lib.compile_train_step(cfg, mesh, telemetry_on=telemetry_on)
+    abstract = jax.eval_shape(lambda: train_lib.create_state(cfg))
+    batch = jax.ShapeDtypeStruct((4, 1, 13), jnp.int32)
+    with jax.set_mesh(mesh):
+        compiled = step.lower(abstract, batch).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_non_log_steps_pay_nothing_for_telemetry():
+    on, off = config(), config(**{"telemetry.enabled": "false"})
+    plain_on, plain_off = _flops(on, False), _flops(off, False)
+    assert plain_on == plain_off  # the step used between log steps is the same program
+    assert _flops(on, True) > plain_on  # the log-step variant does the extra work
+
+
+def test_spikes_are_counted_by_definition():
+    cfg = config(**{"telemetry.spike_min_history": "4", "telemetry.spike_window": "8"})
+    state = train_lib.create_state(cfg)
+    for value in [1.0, 1.1, 0.9, 1.0, 1.05]:  # history: median ~1.0
+        state = state.replace(
+            **train_lib._count_spikes(state, jnp.float32(2.0), jnp.float32(value))
+        )
+    assert int(state.grad_spikes) == 0  # 1.05 < 3 x median
+    counted = train_lib._count_spikes(state, jnp.float32(2.0), jnp.float32(3.5))
+    assert int(counted["grad_spikes"]) == 1  # 3.5 > 3 x 1.0
+    counted = train_lib._count_spikes(state, jnp.float32(2.5), jnp.float32(1.0))
+    assert int(counted["loss_spikes"]) == 1  # 2.5 > 1.2 x 2.0
+    nan = train_lib._count_spikes(state, jnp.float32(jnp.nan), jnp.float32(jnp.nan))
+    assert int(nan["history_count"]) == int(state.history_count)  # non-finite: not history
+
+
+def test_frozen_norm_scales_report_no_gamma():
+    cfg = config(**{"model.learnable_norm_scale": "false", "model.ln_placement": "peri"})
+    state = train_lib.create_state(cfg)
+    batch = np.random.default_rng(0).integers(0, 64, (4, 1, 13)).astype(np.int32)
+    _, metrics = jax.jit(train_lib.train_step, static_argnums=2)(state, batch, True)
+    assert not [k for k in metrics if "gamma" in k]
