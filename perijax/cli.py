@@ -5,6 +5,7 @@ the library.
     perijax plan  [--config FILE[:ARG]] --devices N --accelerator NAME [--config.X=V ...]
     perijax launch-local -n N [--devices-per-process D] -- train ...
     perijax prepare INPUTS... --out DIR --tokenizer cl100k_base   (docs/data.md)
+    perijax launch-slurm / launch-tpu ... --dry-run                (docs/launching.md)
 
 Errors in the user's input print one line to stderr and exit with status 2, before anything is
 computed or written.
@@ -101,7 +102,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from perijax import launch, plan
+    from perijax import launch, launchers, plan
 
     parser = argparse.ArgumentParser(
         prog="perijax",
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_parser(sub)
     launch.add_parser(sub)
+    launchers.add_parsers(sub)
     from perijax.data import prepare
 
     prepare.add_prepare_parser(sub)
@@ -142,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:  # the real command line (not a library call)
+        argv = sys.argv[1:]
+        if argv[:1] in ([], ["train"]):
+            from perijax.signals import install_signal_thread
+
+            install_signal_thread()  # before JAX starts any thread (perijax/signals.py)
     try:
         rest, overrides = _split_overrides(argv)
     except ValueError as e:
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if overrides and args.command == "launch-local":
         return _fail("put --config.* overrides after `--`, on the launched command")
+    if hasattr(args, "launcher"):  # launch-slurm, launch-tpu (perijax/launchers)
+        return args.launcher(args, overrides)
     if args.command == "train":
         return cmd_train(args, overrides)
     if args.command == "plan":

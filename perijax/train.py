@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +39,7 @@ from perijax.metrics import (
 from perijax.model import Transformer, check_backend, compute_dtype
 from perijax.norms import NORM_ROLES
 from perijax.optim import lr_schedule, make_optimizer
+from perijax.signals import StopSignal
 
 
 class TrainingDiverged(RuntimeError):
@@ -370,37 +370,15 @@ def load_data(cfg: Config, log: Callable[[str], None] = print) -> data_lib.Datas
     return data
 
 
-class StopSignal:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit 0. A second signal exits at
-    once. (TPU maintenance events and SLURM's --signal deliver SIGTERM ahead of the kill.)"""
+def stop_agreed(stop: StopSignal) -> bool:
+    """Whether any process was signalled; every process calls this at the same step, so all of
+    them stop (and save) together."""
+    stop_now = stop.received is not None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            os._exit(128 + signum)
-        self.received = signum
-
-    def agreed(self) -> bool:
-        """Whether any process was signalled; every process calls this at the same step, so all
-        of them stop (and save) together."""
-        stop = self.received is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
-        return stop
+        stop_now = bool(np.any(multihost_utils.process_allgather(np.asarray(stop_now))))
+    return stop_now
 
 
 def abstract_state(cfg: Config, mesh: Mesh) -> TrainState:
@@ -577,7 +555,7 @@ def train(
             if (every and step % every == 0) or last:
                 last_eval = run_eval(step)
                 t_window, steps_in_window = time.perf_counter(), 0
-            if stop.agreed():
+            if stop_agreed(stop):
                 save(step)
                 ckpt.wait()
                 preempted = True
