@@ -1,0 +1,647 @@
+"""`perijax sweep`: run a grid of experiments (e.g. ln_placement x lr x seed) over a base config,
+one workdir per run: sequentially on this machine, or as one `perijax train` command per run for
+a cluster to launch.
+
+    perijax sweep --sweep configs/sweeps/smoke.py --root runs/smoke
+    perijax sweep --sweep configs/sweeps/smoke.py --root /shared/runs/smoke --emit commands
+
+A sweep file defines `get_sweep()` returning a dict (or ConfigDict) with `base` (a config spec,
+`configs/tiny.py` or `configs/paper.py:size=400m`), `overrides` ({"section.key": value} for every
+run), `grid` ({"section.key": [values]}, expanded as a cartesian product in the order written) and
+optionally `name`. Each run lives in ROOT/RUN_NAME, where RUN_NAME lists its grid values
+(`ln_placement=peri,lr=0.002,seed=1`), and ends with ROOT/RUN_NAME/status.json. Rerunning the same
+command skips finished runs and resumes the others from their checkpoints. docs/experiments.md
+has the recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import importlib.resources
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from perijax import report as report_lib
+from perijax.config import ConfigError
+from perijax.launchers.common import LaunchError
+
+STATUS_FILE = "status.json"
+SWEEP_FILE = "sweep.json"
+LOG_FILE = "train.log"
+FINISHED = ("done", "diverged")  # results: never rerun; "failed" runs are retried
+# Settings that change how a run executes, not what it computes: they may differ when a sweep is
+# resumed (another machine, another cache) without making the finished runs incomparable.
+EXECUTION_KEYS = ("data.cache_dir", "data.num_threads", "data.prefetch")
+EXECUTION_SECTIONS = ("checkpoint", "mesh", "distributed")
+
+
+# ------------------------------------------------------------------------------------ the grid
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One point of the grid."""
+
+    index: int  # position in the full grid (stable: a cluster array index)
+    name: str  # its workdir name under the sweep root
+    values: dict[str, Any]  # grid key -> value
+    overrides: tuple[tuple[str, str], ...]  # every override of the base config, in order
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A parsed sweep file plus the command line's overrides."""
+
+    name: str
+    base: str
+    overrides: dict[str, Any]
+    grid: dict[str, list[Any]]
+    extra: tuple[tuple[str, str], ...] = ()  # --config.section.key=value, applied to every run
+
+    def runs(self) -> list[Run]:
+        """The cartesian product of the grid, first key varying slowest."""
+        fixed = [(k, value_text(v)) for k, v in self.overrides.items()] + list(self.extra)
+        runs = []
+        for i, combo in enumerate(itertools.product(*self.grid.values())):
+            values = dict(zip(self.grid, combo, strict=True))
+            grid_overrides = [(k, value_text(v)) for k, v in values.items()]
+            runs.append(Run(i, run_name(values), values, tuple(fixed + grid_overrides)))
+        return runs
+
+
+def value_text(value: Any) -> str:
+    """A grid/override value as command-line text that parses back to the same value (so an
+    in-process run and its emitted `perijax train` command build the same config)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)  # shortest text that round-trips: 0.002, 1e-05
+    return str(value)
+
+
+def run_name(values: dict[str, Any]) -> str:
+    """`ln_placement=peri,lr=0.002,seed=1`: the last part of each key, unless two grid keys share
+    it (then the full key); characters that are unsafe in file names become `_`."""
+    short = [k.rpartition(".")[2] for k in values]
+    parts = []
+    for key, label in zip(values, short, strict=True):
+        label = label if short.count(label) == 1 else key
+        parts.append(f"{label}={value_text(values[key])}")
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
+
+
+def _flatten(tree: Any, what: str, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": x}} and {"optim.lr": x} both give {"optim.lr": x} (ConfigDicts cannot
+    hold dotted keys, so sweep files written with them nest instead)."""
+    if hasattr(tree, "to_dict"):
+        tree = tree.to_dict()
+    if not isinstance(tree, dict):
+        raise ConfigError(f"sweep {what} must be a dict of section.key entries, got {tree!r}")
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) or hasattr(value, "to_dict"):
+            flat.update(_flatten(value, what, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _find_sweep_file(path: str) -> Path:
+    file = Path(path)
+    if file.is_file():
+        return file
+    # Like config files: shipped sweeps are found inside the package from any directory.
+    if file.parent.name == "sweeps":
+        packaged = Path(str(importlib.resources.files("perijax.configs"))) / "sweeps" / file.name
+        if packaged.is_file():
+            return packaged
+    raise ConfigError(f"sweep file not found: {path}")
+
+
+def load_sweep(path: str, extra: Sequence[tuple[str, str]] = ()) -> Sweep:
+    """Loads a sweep file and checks its shape (not yet the configs: see `build_configs`)."""
+    file = _find_sweep_file(path)
+    spec = importlib.util.spec_from_file_location(f"perijax_sweep_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        raw = module.get_sweep()
+    except AttributeError as e:
+        if not hasattr(module, "get_sweep"):
+            raise ConfigError(f"sweep file {path} defines no get_sweep()") from e
+        raise ConfigError(f"cannot load sweep file {path}: AttributeError: {e}") from e
+    except ConfigError:
+        raise
+    except Exception as e:  # user code: report where it failed, in one line
+        raise ConfigError(f"cannot load sweep file {path}: {type(e).__name__}: {e}") from e
+    raw = raw.to_dict() if hasattr(raw, "to_dict") else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"get_sweep() in {path} must return a dict, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"base", "overrides", "grid", "name"})
+    if unknown:
+        raise ConfigError(
+            f"sweep file {path}: unknown entries {', '.join(unknown)}: expected base, "
+            "overrides, grid, name"
+        )
+    base = raw.get("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"sweep file {path}: 'base' must be a config spec like configs/tiny.py")
+    grid = _flatten(raw.get("grid") or {}, "grid")
+    if not grid:
+        raise ConfigError(f"sweep file {path}: 'grid' is empty: give at least one key and values")
+    for key, values in grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"sweep grid '{key}' must be a non-empty list, got {values!r}")
+        texts = [value_text(v) for v in values]
+        dup = sorted({t for t in texts if texts.count(t) > 1})
+        if dup:
+            raise ConfigError(f"sweep grid '{key}' repeats {', '.join(dup)}")
+        grid[key] = list(values)
+    overrides = _flatten(raw.get("overrides") or {}, "overrides")
+    values = [(k, v) for k, vs in grid.items() for v in vs] + list(overrides.items())
+    for key, value in values:
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(f"sweep value for '{key}' must be a plain value, got {value!r}")
+    clash = sorted(set(grid) & ({k for k, _ in extra} | set(overrides)))
+    if clash:
+        raise ConfigError(
+            f"'{clash[0]}' is swept by the grid and cannot also be fixed (in the sweep's "
+            "overrides or with --config.*)"
+        )
+    name = raw.get("name") or file.stem
+    sweep = Sweep(str(name), base, overrides, grid, tuple(extra))
+    names = [r.name for r in sweep.runs()]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep {name}: grid values give duplicate run names")
+    return sweep
+
+
+def select(runs: Sequence[Run], only: Sequence[str]) -> list[Run]:
+    """Runs whose name contains one of the `only` patterns (shell wildcards allowed)."""
+    if not only:
+        return list(runs)
+    chosen = [r for r in runs if any(fnmatch.fnmatchcase(r.name, f"*{p}*") for p in only)]
+    if not chosen:
+        raise ConfigError(
+            f"--only {' '.join(only)} matches no run; runs are named like {runs[0].name}"
+        )
+    return chosen
+
+
+def build_configs(sweep: Sweep, runs: Sequence[Run]) -> dict[str, Any]:
+    """Every run's resolved `Config`, so a bad grid value stops the sweep before any run starts.
+    The config file is loaded once per run (config files may return shared mutable state)."""
+    from perijax import cli
+
+    configs = {}
+    for run in runs:
+        try:
+            configs[run.name] = cli._build_config(sweep.base, list(run.overrides))
+        except ConfigError as e:
+            raise ConfigError(f"run {run.name}: {e}") from e
+    return configs
+
+
+# ------------------------------------------------------------------------------ run state
+def run_state(run_dir: Path) -> str:
+    """done | diverged | failed from status.json; without one (a run launched from an emitted
+    command, or a sweep killed between a run's end and its status), done or diverged as
+    inferred from its metrics, else started (interrupted or still running) or pending."""
+    status = read_status(run_dir)
+    if status is not None:
+        return str(status.get("state", "failed"))
+    return report_lib.load_run(run_dir).state if run_dir.is_dir() else "pending"
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / STATUS_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"state": "failed", "error": f"unreadable {run_dir / STATUS_FILE}"}
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    flat = {
+        f"{section}.{key}": value
+        for section, values in config.items()
+        if section not in EXECUTION_SECTIONS and isinstance(values, dict)
+        for key, value in values.items()
+    }
+    return {k: v for k, v in flat.items() if k not in EXECUTION_KEYS}
+
+
+def check_existing(root: Path, runs: Sequence[Run], configs: dict[str, Any]) -> None:
+    """A run folder left by an earlier invocation must hold the same experiment: resuming it (or
+    skipping it as finished) under changed settings would mix two experiments in one result.
+
+    Compares the keys both configs have (a key added to the schema since is not a change) and
+    `model.dtype` only where it is not `auto` (the trainer writes the dtype `auto` resolved to).
+    """
+    from perijax.config import to_dict
+
+    for run in runs:
+        try:
+            old = json.loads((root / run.name / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        new = _comparable(to_dict(configs[run.name]))
+        old = _comparable(old)
+        if new.get("model.dtype") == "auto":
+            new.pop("model.dtype")
+        for key in sorted(set(new) & set(old)):
+            if new[key] != old[key]:
+                raise ConfigError(
+                    f"{root / run.name} was run with {key}={old[key]!r}, this sweep sets "
+                    f"{new[key]!r}: use another --root, or delete that run to redo it"
+                )
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Writes atomically (a killed sweep never leaves half a status file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report_lib.jsonable(payload), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def sweep_record(sweep: Sweep, runs: Sequence[Run]) -> dict[str, Any]:
+    """The content of ROOT/sweep.json: what was asked for, and the expanded grid."""
+    return {
+        "name": sweep.name,
+        "base": sweep.base,
+        "overrides": sweep.overrides,
+        "command_line_overrides": dict(sweep.extra),
+        "grid": sweep.grid,
+        "runs": [{"index": r.index, "name": r.name, "values": r.values} for r in runs],
+    }
+
+
+# --------------------------------------------------------------------------- the outcome
+_STEP_IN_MESSAGE = re.compile(r"\bstep (\d+)")
+
+
+def outcome(
+    rows: list[dict[str, Any]],
+    *,
+    diverged_error: str | None = None,
+    error: str | None = None,
+    seconds: float = 0.0,
+) -> dict[str, Any]:
+    """The status.json of a run that returned (no error), raised TrainingDiverged
+    (`diverged_error`) or raised anything else (`error`), from its metrics rows.
+
+    Diverged: TrainingDiverged, or a non-finite final train or eval loss (with the guard on, a
+    run can finish with every late step skipped). The step is the first logged non-finite train
+    loss, else the step named in the trainer's message, else the last logged step.
+    """
+    final = report_lib.final_metrics(rows)
+    losses = [final.get("train/loss"), final.get("eval/loss")]
+    nonfinite = any(v is not None and not math.isfinite(v) for v in losses)
+    state, at = "done", None
+    if diverged_error is not None or (error is None and nonfinite):
+        state = "diverged"
+        at = report_lib.first_nonfinite_step(rows)
+        match = _STEP_IN_MESSAGE.search(diverged_error or "")
+        if at is None and match:
+            at = int(match.group(1))
+        if at is None and rows:
+            at = int(rows[-1]["step"])
+    elif error is not None:
+        state = "failed"
+    status: dict[str, Any] = {"state": state, "diverged_at_step": at, "final": final}
+    if diverged_error is not None:
+        status["message"] = diverged_error
+    if error is not None:
+        status["error"] = error
+    status["seconds"] = round(seconds, 1)
+    return status
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- emitting
+def run_commands(
+    sweep: Sweep,
+    root: str | os.PathLike,
+    *,
+    runs: Sequence[Run] | None = None,
+    perijax: Sequence[str] = ("perijax",),
+    include_finished: bool = False,
+) -> list[str]:
+    """One shell-quoted `perijax train --config BASE --workdir ROOT/NAME --config.k=v ...` line
+    per run that has not finished (status done/diverged) under `root`.
+
+    Each line builds exactly the config the sequential sweep would (same overrides, same order)
+    and resumes from its workdir's checkpoints when relaunched. The cluster launchers wrap these
+    lines: `perijax.launchers.slurm.array_job_script(lines, ...)` (one array task per run) and
+    `perijax.launchers.tpu`'s per-run command lines.
+    """
+    root = Path(root)
+    lines = []
+    for run in sweep.runs() if runs is None else runs:
+        if not include_finished and run_state(root / run.name) in FINISHED:
+            continue
+        argv = [*perijax, "train", "--config", sweep.base, "--workdir", str(root / run.name)]
+        argv += [f"--config.{key}={text}" for key, text in run.overrides]
+        lines.append(shlex.join(argv))
+    return lines
+
+
+# ------------------------------------------------------------------------------ running
+def emit(args: argparse.Namespace, lines: list[str]) -> list[str]:
+    """The `--emit` output for the unfinished runs' `perijax train` lines."""
+    if args.emit == "commands" or not lines:
+        return lines
+    if args.emit == "slurm":
+        from perijax.launchers import slurm
+
+        script = slurm.array_job_script(
+            lines,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            time=args.time,
+            log_dir=args.log_dir,
+        )
+        return [script]
+    from perijax.launchers import tpu
+
+    return tpu.per_run_commands(
+        lines,
+        name=args.tpu or "",
+        zone=args.zone or "",
+        project=args.project or "",
+        accelerator_type=args.accelerator_type or "",
+    )
+
+
+def _load_all_data(configs: dict[str, Any], log: Callable[[str], None]) -> dict[tuple, Any]:
+    """Loads each distinct data setting once (checked before any run; shared by the runs)."""
+    from perijax import train as train_lib
+
+    data = {}
+    for cfg in configs.values():
+        key = _data_key(cfg)
+        if key not in data:
+            data[key] = train_lib.load_data(cfg, log)
+    return data
+
+
+def _data_key(cfg: Any) -> tuple:
+    d = cfg.data
+    return (d.source, d.path, cfg.model.vocab_size, d.cache_dir, d.val_fraction, cfg.train.seed)
+
+
+def _check_devices(configs: dict[str, Any]) -> None:
+    """Mesh and batch against this machine's devices, before any run starts."""
+    from perijax import train as train_lib
+    from perijax.model import check_backend
+
+    for name, cfg in configs.items():
+        try:
+            check_backend(cfg.model)
+            train_lib.setup_mesh(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"run {name}: {e}") from e
+
+
+def _fmt_loss(status: dict[str, Any]) -> str:
+    final = status.get("final", {})
+    parts = []
+    for key, label in (("train/loss", "loss"), ("eval/loss", "eval")):
+        if key in final:
+            parts.append(f"{label} {final[key]:.4f}")
+    return "  ".join(parts)
+
+
+def _end_line(status: dict[str, Any]) -> str:
+    state = status["state"]
+    if state == "diverged":
+        return f"diverged at step {status['diverged_at_step']}  {_fmt_loss(status)}".rstrip()
+    if state == "failed":
+        return f"failed: {status.get('error', '')}"
+    return f"done  {_fmt_loss(status)}".rstrip()
+
+
+def run_sweep(
+    sweep: Sweep,
+    root: str | os.PathLike,
+    *,
+    only: Sequence[str] = (),
+    out: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> int:
+    """Runs the selected runs one after another in this process; returns the exit status
+    (0: every run done or diverged; 1: some failed; 0 after a signal, like `perijax train`:
+    the interrupted run saved a checkpoint and the same command resumes it).
+
+    Raises ConfigError, before anything is written, for a bad grid value, a mesh that does not
+    fit this machine, unusable data or a run folder holding a different experiment.
+    """
+    from perijax import train as train_lib
+    from perijax.metrics import format_duration
+
+    root = Path(root)
+    runs = select(sweep.runs(), only)
+    configs = build_configs(sweep, runs)
+    _check_devices(configs)
+    data = _load_all_data(configs, log=lambda s: out(f"data: {s}"))
+    check_existing(root, runs, configs)
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _write_json(root / SWEEP_FILE, sweep_record(sweep, sweep.runs()))
+    except OSError as e:
+        raise ConfigError(f"cannot write to sweep root {root}: {e.strerror}") from e
+
+    states = {r.name: run_state(root / r.name) for r in runs}
+    todo = [r for r in runs if states[r.name] not in FINISHED]
+    counts = {s: sum(v == s for v in states.values()) for s in ("done", "diverged")}
+    out(
+        f"sweep {sweep.name}: {len(runs)} runs in {root} ({counts['done']} done, "
+        f"{counts['diverged']} diverged, {len(todo)} to run)"
+    )
+    durations: list[float] = []
+    failed = 0
+    width = len(str(len(runs)))
+    for i, run in enumerate(runs, start=1):
+        tag = f"[{i:>{width}}/{len(runs)}] {run.name}"
+        run_dir = root / run.name
+        if states[run.name] in FINISHED:
+            status = read_status(run_dir)
+            if status is None:  # finished elsewhere: record it as the sweep would have
+                status = outcome(report_lib.read_metrics(run_dir / "metrics.jsonl"))
+                status.update(inferred=True, overrides=dict(run.overrides))
+                _write_json(run_dir / STATUS_FILE, status)
+            out(f"{tag}  skip: {_end_line(status)}")
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = " (resuming)" if states[run.name] in ("started", "failed") else ""
+        out(f"{tag}  start{resumed}")
+        t0 = time.perf_counter()
+        diverged_error = error = None
+        with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log_file:
+
+            def log(line: str, _file=log_file) -> None:
+                _file.write(line + "\n")
+                _file.flush()
+                if verbose:
+                    out(f"    {line}")
+
+            try:
+                result = train_lib.train(
+                    configs[run.name], run_dir, data=data[_data_key(configs[run.name])], log=log
+                )
+                if result["preempted"]:
+                    out(f"{tag}  stopped by a signal at a saved checkpoint: rerun to resume")
+                    return 0
+            except train_lib.TrainingDiverged as e:
+                diverged_error = str(e)
+            except KeyboardInterrupt:
+                out(f"{tag}  interrupted: rerun the same command to resume")
+                return 130
+            except Exception as e:  # one bad run must not stop the sweep: record it, go on
+                error = _one_line(e)
+                log(f"error: {error}")
+        seconds = time.perf_counter() - t0
+        rows = report_lib.read_metrics(run_dir / "metrics.jsonl")
+        status = outcome(rows, diverged_error=diverged_error, error=error, seconds=seconds)
+        status["overrides"] = dict(run.overrides)
+        _write_json(run_dir / STATUS_FILE, status)
+        failed += status["state"] == "failed"
+        durations.append(seconds)
+        left = sum(1 for r in runs[i:] if states[r.name] not in FINISHED)
+        eta = sum(durations) / len(durations) * left
+        out(f"{tag}  {_end_line(status)}  {format_duration(seconds)}  eta {format_duration(eta)}")
+        _release_compiled()
+    final = {s: 0 for s in ("done", "diverged", "failed")}
+    for run in runs:
+        state = run_state(root / run.name)
+        final[state] = final.get(state, 0) + 1
+    out(
+        f"sweep {sweep.name}: {final['done']} done, {final['diverged']} diverged, "
+        f"{final['failed']} failed; perijax report {shlex.quote(str(root))}"
+    )
+    return 1 if failed else 0
+
+
+def _release_compiled() -> None:
+    """Drops JAX's in-memory compiled programs between runs: each run's programs close over its
+    own optimizer and model graph, so no later run could reuse them, and keeping them grows
+    memory by every run of a long sweep. Runs that compile the same program (seeds of one
+    setting) still share it through the persistent compilation cache."""
+    import jax
+
+    jax.clear_caches()
+
+
+def enable_compilation_cache() -> None:
+    """Turns on JAX's persistent compilation cache unless it is configured already, so the
+    seeds of one setting (identical programs) compile once: under $PERIJAX_CACHE/jax, else
+    ~/.cache/perijax/jax. JAX_COMPILATION_CACHE_DIR overrides it."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    base = os.environ.get("PERIJAX_CACHE") or os.path.join(Path.home(), ".cache", "perijax")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jax"))
+
+
+# ----------------------------------------------------------------------------- the command
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of experiments (placement x lr x seed, ...), or print their commands",
+        description="Run every point of a sweep file's grid, one workdir per run under --root, "
+        "one after another; rerunning skips finished runs and resumes the others. "
+        "--config.SECTION.KEY=VALUE applies to every run.",
+    )
+    p.add_argument("--sweep", required=True, metavar="FILE", help="sweep file (get_sweep())")
+    p.add_argument("--root", help="folder of the runs (default: runs/<sweep name>)")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only runs whose name contains PATTERN (wildcards allowed; repeatable)",
+    )
+    p.add_argument(
+        "--emit",
+        choices=["commands", "slurm", "tpu"],
+        help="instead of running: print one `perijax train` command per unfinished run "
+        "(commands), an sbatch job array with a task per run (slurm), or one command per run "
+        "that trains it on every worker of a Cloud TPU (tpu)",
+    )
+    cluster = p.add_argument_group("--emit slurm")
+    cluster.add_argument("--nodes", type=int, default=1, help="nodes per run")
+    cluster.add_argument("--gpus-per-node", type=int, default=8)
+    cluster.add_argument("--time", default="24:00:00", help="time limit per array task")
+    cluster.add_argument("--log-dir", default="slurm-logs", help="per-node log folder")
+    tpu = p.add_argument_group("--emit tpu")
+    tpu.add_argument("--tpu", metavar="NAME", help="TPU VM (or queued resource) name")
+    tpu.add_argument("--zone")
+    tpu.add_argument("--project")
+    tpu.add_argument("--accelerator-type", metavar="TYPE", help="e.g. v5p-128, v5litepod-16")
+    p.add_argument(
+        "--dry-run", action="store_true", help="list the runs and their states; run nothing"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="also print each run's log")
+    return p
+
+
+def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    """Entry point of `perijax sweep`: bad input is one line on stderr and exit status 2."""
+
+    def fail(message: str, code: int = 2) -> int:
+        print(f"perijax: error: {message}", file=sys.stderr)
+        return code
+
+    try:
+        sweep = load_sweep(args.sweep, overrides)
+        root = Path(args.root or os.path.join("runs", sweep.name))
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"--root {root} exists and is not a directory")
+        runs = select(sweep.runs(), args.only)
+        if args.emit or args.dry_run:
+            configs = build_configs(sweep, runs)  # the emitted commands must be valid
+            check_existing(root, runs, configs)
+    except ConfigError as e:
+        return fail(str(e))
+    if args.emit:
+        lines = run_commands(sweep, root, runs=runs)
+        try:
+            print("\n".join(emit(args, lines)))
+        except LaunchError as e:
+            return fail(str(e))
+        return 0
+    if args.dry_run:
+        for run_ in runs:
+            print(f"{run_state(root / run_.name):<9} {root / run_.name}")
+        return 0
+    enable_compilation_cache()
+    try:
+        return run_sweep(sweep, root, only=args.only, out=_print, verbose=args.verbose)
+    except ConfigError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:  # between runs (during a run the trainer saves and returns)
+        return fail("interrupted: rerun the same command to resume", code=130)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
