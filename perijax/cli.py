@@ -6,6 +6,7 @@ the library.
     perijax launch-local -n N [--devices-per-process D] -- train ...
     perijax prepare INPUTS... --out DIR --tokenizer cl100k_base   (docs/data.md)
     perijax launch-slurm / launch-tpu ... --dry-run                (docs/launching.md)
+    perijax sweep --sweep configs/sweeps/x.py / perijax report DIR  (docs/experiments.md)
 
 Errors in the user's input print one line to stderr and exit with status 2, before anything is
 computed or written.
@@ -102,7 +103,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from perijax import launch, launchers, plan
+    from perijax import launch, launchers, plan, report, sweep
 
     parser = argparse.ArgumentParser(
         prog="perijax",
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_parser(sub)
     launch.add_parser(sub)
     launchers.add_parsers(sub)
+    sweep.add_parser(sub)
+    report.add_parser(sub)
     from perijax.data import prepare
 
     prepare.add_prepare_parser(sub)
@@ -165,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.launcher(args, overrides)
     if args.command == "train":
         return cmd_train(args, overrides)
+    if args.command == "sweep":
+        from perijax import sweep
+
+        return sweep.run(args, overrides)
+    if args.command == "report":
+        from perijax import report
+
+        return report.run(args, overrides)
     if args.command == "plan":
         from perijax import plan
 
