@@ -626,7 +626,8 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     if args.emit:
         lines = run_commands(sweep, root, runs=runs)
         try:
-            print("\n".join(emit(args, lines)))
+            for chunk in emit(args, lines):
+                print(chunk)
         except LaunchError as e:
             return fail(str(e))
         return 0
