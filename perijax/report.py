@@ -440,6 +440,12 @@ def representatives(runs: Sequence[RunResult], lr: float | None = None) -> dict[
     return chosen
 
 
+def _plot_layers(ax, by_layer: dict[int, float], *, color, label: str) -> None:
+    """One line of a per-layer quantity against the layer index."""
+    layers = sorted(by_layer)
+    ax.plot(layers, [by_layer[x] for x in layers], marker="o", ms=3, color=color, label=label)
+
+
 def _layer_values(row: dict[str, Any], pattern: re.Pattern) -> dict[int, float]:
     out = {}
     for key, value in row.items():
@@ -483,14 +489,8 @@ def fig_resid_var(reps: dict[str, RunResult], path: Path) -> str | None:
         for j, idx in enumerate(picks):
             row = rows[idx]
             by_layer = _block_output(row, "resid_var")
-            layers = sorted(by_layer)
-            ax.plot(
-                layers,
-                [by_layer[x] for x in layers],
-                marker="o",
-                ms=3,
-                color=cmap(j / max(len(picks) - 1, 1)),
-                label=f"step {row['step']}",
+            _plot_layers(
+                ax, by_layer, color=cmap(j / max(len(picks) - 1, 1)), label=f"step {row['step']}"
             )
         ax.set_yscale("log")
         ax.set_title(f"{placement} ({reps[placement].name})", fontsize=8)
@@ -525,15 +525,8 @@ def fig_layer_grad_norm(reps: dict[str, RunResult], path: Path) -> str | None:
     for ax, which, title in panels:
         for placement, rows in data.items():
             values = _layer_values(rows[which], pattern)
-            layers = sorted(values)
-            ax.plot(
-                layers,
-                [values[x] for x in layers],
-                marker="o",
-                ms=3,
-                color=colors[placement],
-                label=f"{placement} (step {rows[which]['step']})",
-            )
+            label = f"{placement} (step {rows[which]['step']})"
+            _plot_layers(ax, values, color=colors[placement], label=label)
         ax.set_yscale("log")
         ax.set_title(f"per-layer gradient norm, {title}", fontsize=9)
         ax.set_xlabel("layer")
@@ -667,15 +660,7 @@ def fig_gamma(reps: dict[str, RunResult], path: Path) -> str | None:
         for placement, row in last.items():
             values = _layer_values(row, re.compile(rf"^stability/gamma/(\d+)/{name}$"))
             if values:
-                layers = sorted(values)
-                ax.plot(
-                    layers,
-                    [values[x] for x in layers],
-                    marker="o",
-                    ms=3,
-                    color=colors[placement],
-                    label=placement,
-                )
+                _plot_layers(ax, values, color=colors[placement], label=placement)
         ax.set_title(f"γ of {name}_norm", fontsize=9)
         ax.set_xlabel("layer")
         ax.legend(fontsize=7)
