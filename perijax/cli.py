@@ -7,6 +7,7 @@ the library.
     perijax prepare INPUTS... --out DIR --tokenizer cl100k_base   (docs/data.md)
     perijax launch-slurm / launch-tpu ... --dry-run                (docs/launching.md)
     perijax sweep --sweep configs/sweeps/x.py / perijax report DIR  (docs/experiments.md)
+    perijax generate CHECKPOINT --prompt TEXT                       (docs/eval_export.md)
 
 Errors in the user's input print one line to stderr and exit with status 2, before anything is
 computed or written.
@@ -103,7 +104,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from perijax import launch, launchers, plan, report, sweep
+    from perijax import generate, launch, launchers, plan, report, sweep
 
     parser = argparse.ArgumentParser(
         prog="perijax",
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     launchers.add_parsers(sub)
     sweep.add_parser(sub)
     report.add_parser(sub)
+    generate.add_parser(sub)
     from perijax.data import prepare
 
     prepare.add_prepare_parser(sub)
@@ -184,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         from perijax import launch
 
         return launch.run(args)
+    if args.command == "generate":
+        from perijax import generate
+
+        return generate.run(args)
     if args.command == "prepare":
         from perijax.data import prepare
 

@@ -10,6 +10,7 @@ key and what is allowed, before any compute or any write.
 import dataclasses
 import importlib.resources
 import importlib.util
+import json
 import math
 import types
 import typing
@@ -277,9 +278,27 @@ def _find_config_file(path: str) -> Path:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path.py[:arg]` and calls its `get_config(arg)` (or `get_config()`)."""
+    """Loads `path.py[:arg]` and calls its `get_config(arg)` (or `get_config()`), or reads a
+    `config.json` that a run (or `perijax import`) wrote: keys it lacks take their defaults."""
     path, _, arg = spec.partition(":")
     file = _find_config_file(path)
+    if file.suffix == ".json":
+        if arg:
+            raise ConfigError(f"config file {path} is JSON and takes no argument (':{arg}')")
+        try:
+            saved = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
+        if not isinstance(saved, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object of sections")
+        cd = base_config()
+        with cd.unlocked():
+            for section, values in saved.items():
+                if section in cd and isinstance(values, dict):
+                    cd[section].update(values)
+                else:
+                    cd[section] = values  # resolve() reports the unknown section
+        return cd
     module_spec = importlib.util.spec_from_file_location(f"perijax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     try:

@@ -13,6 +13,7 @@ sharding rules map onto mesh axes.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,11 +74,16 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal softmax attention. q: [B, T, H, Dh]; k, v: [B, T, K, Dh] -> [B, T, H, Dh]."""
-    if impl == "cudnn":  # cuDNN flash attention (NVIDIA GPUs, bfloat16/float16)
+def attend(
+    impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """Softmax attention. q: [B, T, H, Dh]; k, v: [B, S, K, Dh] -> [B, T, H, Dh].
+
+    Causal (S = T) unless `mask` [B, T, S] (True = may attend) is given, as decoding with a KV
+    cache does; masked attention always takes the XLA path."""
+    if mask is None and impl == "cudnn":  # cuDNN flash attention (NVIDIA GPUs, bf16/fp16)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    if impl == "splash":
+    if mask is None and impl == "splash":
         return _splash_attention(q, k, v)
     b, t, h, dh = q.shape
     kv = k.shape[2]
@@ -85,8 +91,11 @@ def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     q = q.reshape(b, t, kv, h // kv, dh)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(dh)
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    if mask is None:
+        mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+    else:
+        mask = mask[:, None, None]  # [B, 1, 1, T, S]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
 
@@ -135,8 +144,9 @@ class Attention(nnx.Module):
         self.q_norm = _norm(cfg, q_dim, "rmsnorm") if q_dim else None
         self.k_norm = _norm(cfg, k_dim, "rmsnorm") if k_dim else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [B, T, D] -> [B, T, D]."""
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None):
+        """x: [B, T, D] -> [B, T, D]; with a `cache`, also the cache with this step's keys and
+        values written at `cache.index`."""
         cfg, dtype = self.cfg, x.dtype
         b, t, _ = x.shape
         h, k, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -151,9 +161,18 @@ class Attention(nnx.Module):
         q, kk = rope(q, positions, cfg.rope_theta), rope(kk, positions, cfg.rope_theta)
 
         q = constrain(q, ("batch", "seq", "heads", "kv"))
-        out = attend(cfg.attention, q, kk, v)
+        if cache is not None:
+            at = (0, cache.index, 0, 0)
+            cache = cache._replace(
+                k=jax.lax.dynamic_update_slice(cache.k, kk.astype(cache.k.dtype), at),
+                v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
+            )
+            out = attend(cfg.attention, q, cache.k.astype(dtype), cache.v.astype(dtype), cache.mask)
+        else:
+            out = attend(cfg.attention, q, kk, v)
         out = constrain(out, ("batch", "seq", "heads", "kv"))
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+        out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+        return out if cache is None else (out, cache)
 
 
 class Mlp(nnx.Module):
@@ -196,9 +215,27 @@ class Block(nnx.Module):
             for role in NORM_ROLES[self.placement]
         }
 
-    def __call__(self, x: jax.Array, positions: jax.Array, *, collect_stats: bool = False):
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        *,
+        collect_stats: bool = False,
+        cache: LayerCache | None = None,
+    ):
         """x: [B, T, D] residual stream -> [B, T, D]; with `collect_stats`, also a dict
-        {"attn": stats, "mlp": stats} of scalar telemetry (`stream_stats`)."""
+        {"attn": stats, "mlp": stats} of scalar telemetry (`stream_stats`); with a KV `cache`,
+        (x, updated cache)."""
+        if cache is not None:
+            holder = {}
+
+            def attn(h):
+                out, holder["cache"] = self.attn(h, positions, cache)
+                return out
+
+            x = residual(self.placement, x, attn, **self._norms("attn"))
+            x = residual(self.placement, x, self.mlp, **self._norms("mlp"))
+            return x, holder["cache"]
         sublayers = {"attn": lambda h: self.attn(h, positions), "mlp": self.mlp}
         stats = {}
         for name, f in sublayers.items():
@@ -218,6 +255,32 @@ class Block(nnx.Module):
 
 
 FP16_MAX = 65504.0
+
+
+class LayerCache(NamedTuple):
+    """One layer's view of the KV cache during decoding (S cache slots).
+
+    k, v: [B, S, K, Dh] keys/values of every slot written so far; mask: [B, T, S] which slots
+    each of the T new tokens may attend to; index: the slot the first new token is written to.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+
+class KVCache(NamedTuple):
+    """The KV cache of all layers for incremental decoding (`Transformer.__call__(cache=...)`).
+
+    k, v: [L, B, S, K, Dh]; valid: [B, S] slots holding a real (non-padding) token; index: int32
+    scalar, the next slot to write. Create with `Transformer.init_cache`.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
 
 
 def _tap(f, taps: dict, name: str):
@@ -297,11 +360,34 @@ class Transformer(nnx.Module):
             else _param(rngs, cfg.init_std, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
         )
 
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache of `max_len` slots (compute dtype unless `dtype` is given)."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
+        zeros = jnp.zeros(shape, dtype or compute_dtype(cfg))
+        return KVCache(
+            k=zeros,
+            v=zeros,
+            valid=jnp.zeros((batch_size, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, *, collect_stats: bool = False
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        collect_stats: bool = False,
+        cache: KVCache | None = None,
+        valid: jax.Array | None = None,
     ):
         """logits [B, T, V] float32; with `collect_stats` also per-layer telemetry
-        {"attn": {name: [L]}, "mlp": {name: [L]}} (see `stream_stats`)."""
+        {"attn": {name: [L]}, "mlp": {name: [L]}} (see `stream_stats`).
+
+        Decoding: with a KV `cache`, the T tokens are written to slots index..index+T-1 and
+        attend to every valid slot up to their own; returns (logits, updated cache). `valid`
+        [B, T] marks padding tokens (False) that nothing may attend to; `positions` [B, T] are
+        then required (a left-padded row's first real token has position 0)."""
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         if positions is None:
@@ -310,6 +396,8 @@ class Transformer(nnx.Module):
         x = constrain(x, ("batch", "seq", None))
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        if cache is not None:
+            return self._decode(x, positions, cache, valid)
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
             body = _block_fn(graphdef, positions, cfg.remat, collect_stats)
@@ -321,14 +409,48 @@ class Transformer(nnx.Module):
                 x, layer_stats = _block_fn(graphdef, positions, cfg.remat, collect_stats)(x, state)
                 per_layer.append(layer_stats)
             stats = jax.tree.map(lambda *v: jnp.stack(v), *per_layer) if collect_stats else None
+        logits = self._logits(x)
+        return (logits, stats) if collect_stats else logits
+
+    def _logits(self, x: jax.Array) -> jax.Array:
         if self.final_norm is not None:
             x = self.final_norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum(
-            "btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32
+            "btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32
         )
-        logits = constrain(logits, ("batch", "seq", "vocab"))
-        return (logits, stats) if collect_stats else logits
+        return constrain(logits, ("batch", "seq", "vocab"))
+
+    def _decode(self, x: jax.Array, positions: jax.Array, cache: KVCache, valid: jax.Array | None):
+        b, t = x.shape[:2]
+        if valid is None:
+            valid = jnp.ones((b, t), bool)
+        slots_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+        slots = jnp.arange(cache.valid.shape[1])
+        query_slots = cache.index + jnp.arange(t)
+        mask = slots_valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+
+        def layer(x, block, k, v):
+            return block(x, positions, cache=LayerCache(k, v, mask, cache.index))
+
+        if self.cfg.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+
+            def body(x, xs):
+                state, k, v = xs
+                x, new = layer(x, nnx.merge(graphdef, state), k, v)
+                return x, (new.k, new.v)
+
+            x, (ks, vs) = jax.lax.scan(body, x, (state, cache.k, cache.v))
+        else:
+            ks, vs = [], []
+            for i, block in enumerate(self.blocks):
+                x, new = layer(x, block, cache.k[i], cache.v[i])
+                ks.append(new.k)
+                vs.append(new.v)
+            ks, vs = jnp.stack(ks), jnp.stack(vs)
+        new_cache = KVCache(k=ks, v=vs, valid=slots_valid, index=cache.index + t)
+        return self._logits(x), new_cache
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

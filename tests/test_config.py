@@ -128,3 +128,25 @@ def test_presets_build_abstractly_and_match_documented_counts(preset):
     assert documented_counts()[f"configs/{preset}"] == total
     if PRESETS[preset]:
         assert abs(total - PRESETS[preset]) / PRESETS[preset] < 0.05
+
+
+def test_a_saved_config_json_reloads_to_the_same_config(tmp_path):
+    """A workdir's config.json is a config file: it resolves to the config that wrote it, takes
+    overrides, and bad content is a one-line error."""
+    import dataclasses
+    import json
+
+    cfg = cli._build_config("configs/small.py", [("model.ln_placement", "peri")])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config_lib.to_dict(cfg)))
+    assert config_lib.resolve(config_lib.load_config_file(str(path))) == cfg
+    again = cli._build_config(str(path), [("optim.lr", "0.1")])
+    assert again == dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.1))
+    path.write_text('{"model": {"no_such_key": 1}}')
+    with pytest.raises(ConfigError, match="model.no_such_key"):
+        config_lib.resolve(config_lib.load_config_file(str(path)))
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        config_lib.load_config_file(str(path))
+    with pytest.raises(ConfigError, match="takes no argument"):
+        config_lib.load_config_file(f"{path}:size=1")

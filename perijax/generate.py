@@ -1,0 +1,250 @@
+"""Sampling from a trained model with a KV cache: greedy, temperature, top-k and top-p.
+
+    perijax generate runs/tiny/checkpoints/500 --prompt "def main(" --max-new-tokens 64
+
+Prompts of different lengths are left-padded into one batch; padding is masked out of attention
+and each row's positions start at 0 at its first real token, so a row decodes as it would alone.
+The prompt is processed in one forward pass (prefill) that fills the cache; each new token then
+costs one single-token forward pass over the cache, all inside one jitted `lax.fori_loop`.
+Lengths are rounded up to multiples of `BUCKET` so that a handful of compiles serve any prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from perijax.model import Transformer
+
+__all__ = ["generate", "sample_logits", "add_parser", "run"]
+
+BUCKET = 32
+
+
+def sample_logits(
+    logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float
+) -> jax.Array:
+    """Next token ids [B] from logits [B, V]: argmax when `temperature` is 0, else a sample from
+    softmax(logits / temperature) restricted to the `top_k` most likely tokens (0: all) and to
+    the smallest set whose probability reaches `top_p` (1.0: all)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    floor = jnp.finfo(jnp.float32).min
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, floor, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # Keep a token while the probability of the tokens ranked above it is below top_p
+        # (the most likely token is always kept).
+        keep = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, floor, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+def _generate(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,
+    pad: jax.Array,
+    key: jax.Array,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> jax.Array:
+    """tokens [B, P] left-padded by `pad` [B] -> new tokens [B, max_new_tokens]."""
+    model: Transformer = nnx.merge(graphdef, state)
+    b, p = tokens.shape
+    slots = jnp.arange(p)
+    valid = slots[None, :] >= pad[:, None]
+    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
+    cache = model.init_cache(b, p + max_new_tokens)
+    logits, cache = model(tokens, positions, cache=cache, valid=valid)
+    keys = jax.random.split(key, max_new_tokens)
+    first = sample_logits(logits[:, -1], keys[0], temperature, top_k, top_p)
+    out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+
+    def step(i, carry):
+        out, cache = carry
+        position = (p - pad + i - 1)[:, None]  # the previous token's position
+        previous = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
+        logits, cache = model(previous, position, cache=cache)
+        token = sample_logits(logits[:, -1], keys[i], temperature, top_k, top_p)
+        return out.at[:, i].set(token), cache
+
+    out, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, cache))
+    return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_tokens: Sequence[int] = (),
+) -> list[list[int]]:
+    """New token ids for each prompt (at most `max_new_tokens`, cut after the first stop token,
+    which is kept). Greedy when `temperature` is 0. Deterministic for a given `seed`.
+
+    Raises:
+      ValueError: an empty prompt, a non-positive `max_new_tokens`, or bad sampling settings.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(
+            f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got {temperature}, "
+            f"{top_k}, {top_p})"
+        )
+    vocab = model.cfg.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
+    longest = max(len(p) for p in prompts)
+    width = _round_up(longest, BUCKET)
+    tokens = np.zeros((len(prompts), width), np.int32)
+    pad = np.zeros((len(prompts),), np.int32)
+    for row, prompt in enumerate(prompts):
+        pad[row] = width - len(prompt)
+        tokens[row, pad[row] :] = prompt
+    steps = _round_up(max_new_tokens, BUCKET)
+    graphdef, state = nnx.split(model)
+    out = _generate(
+        graphdef,
+        state,
+        jnp.asarray(tokens),
+        jnp.asarray(pad),
+        jax.random.key(seed),
+        steps,
+        float(temperature),
+        int(top_k),
+        float(top_p),
+    )
+    results = []
+    stops = set(int(t) for t in stop_tokens)
+    for row in np.asarray(jax.device_get(out))[:, :max_new_tokens].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        results.append(row[:cut])
+    return results
+
+
+# ------------------------------------------------------------------------------------- command
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a checkpoint",
+        description="Sample continuations from a checkpoint with a KV cache (docs/eval_export.md).",
+    )
+    p.add_argument("checkpoint", help="a checkpoints/<step> folder, or a workdir (its latest)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument("--prompt-file", help="a file of prompts, one per line ('-': stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer.json to use instead of the run's (needed for synthetic-data runs)",
+    )
+    p.add_argument(
+        "--ids", action="store_true", help="prompts are space-separated token ids; print ids"
+    )
+    p.add_argument(
+        "--no-stop", action="store_true", help="do not stop at the end-of-document token"
+    )
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompt:
+        return list(args.prompt)
+    if args.prompt_file:
+        text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
+        return [line for line in text.splitlines() if line.strip()]
+    return ["\n"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from perijax.config import ConfigError
+    from perijax.data.tokenizer import load_tokenizer
+    from perijax.inference import load_model, run_tokenizer
+
+    def fail(message: str) -> int:
+        print(f"perijax: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.max_new_tokens < 1:
+        return fail(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.temperature < 0 or args.top_k < 0 or not 0.0 < args.top_p <= 1.0:
+        return fail("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    if args.prompt_file and args.prompt_file != "-" and not Path(args.prompt_file).is_file():
+        return fail(f"--prompt-file {args.prompt_file}: no such file")
+    try:
+        prompts = _read_prompts(args)
+        loaded = load_model(args.checkpoint)
+        tokenizer = None
+        if not args.ids:
+            tokenizer = (
+                load_tokenizer(args.tokenizer) if args.tokenizer else run_tokenizer(loaded.cfg)
+            )
+            if tokenizer is None:
+                raise ConfigError(
+                    "this run has no tokenizer (synthetic data): pass --ids with token ids, "
+                    "or --tokenizer FILE"
+                )
+        if args.ids:
+            ids = [[int(t) for t in p.split()] for p in prompts]
+        else:
+            ids = [tokenizer.encode(p).tolist() for p in prompts]
+        stop = () if args.no_stop or tokenizer is None else (tokenizer.eod_id,)
+        t0 = time.perf_counter()
+        outputs = generate(
+            loaded.model,
+            ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_tokens=stop,
+        )
+    except (ConfigError, ValueError) as e:
+        return fail(str(e).splitlines()[0])
+    elapsed = time.perf_counter() - t0
+    for prompt, out in zip(prompts, outputs, strict=True):
+        if args.ids:
+            print(" ".join(map(str, out)))
+        else:
+            print(prompt + tokenizer.decode([t for t in out if t not in stop]))
+            print("-" * 40)
+    n = sum(len(o) for o in outputs)
+    print(
+        f"generated {n} tokens for {len(outputs)} prompt(s) in {elapsed:.1f}s "
+        f"(step {loaded.step} of {loaded.path})",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,204 @@
+"""Loading trained models outside the training loop: a checkpoint's config and parameters, its
+tokenizer, and writing parameters back as a checkpoint that `perijax train --restore` accepts.
+
+Used by `perijax eval`, `perijax generate`, `perijax export` / `import` and the lm-evaluation-
+harness adapter. Only the parameters are read from a checkpoint (not the optimizer moments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from perijax import sharding as sharding_lib
+from perijax.checkpoint import Checkpointer, flatten, resolve_restore_path, unflatten
+from perijax.config import CheckpointConfig, Config, ConfigError, resolve, to_dict
+from perijax.model import Transformer, abstract_model
+
+__all__ = ["Loaded", "load_model", "run_tokenizer", "write_checkpoint"]
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model restored from a checkpoint.
+
+    Attributes:
+      cfg: the run's resolved config (as saved with the checkpoint).
+      model: the Transformer with the checkpoint's parameters (float32, on `mesh`).
+      step: the checkpoint's training step.
+      path: the checkpoint step folder (`.../checkpoints/<step>`).
+      mesh: the mesh the parameters live on.
+    """
+
+    cfg: Config
+    model: Transformer
+    step: int
+    path: Path
+    mesh: Mesh
+
+
+def inference_mesh(cfg: Config, devices: list[Any] | None = None) -> Mesh:
+    """A mesh for inference: the run's tensor and fsdp sizes where the devices allow (so a model
+    that needed them still fits), the rest data-parallel; one device when nothing divides."""
+    devices = devices if devices is not None else jax.devices()
+    n = len(devices)
+    fsdp = cfg.mesh.fsdp if cfg.mesh.fsdp > 0 and n % cfg.mesh.fsdp == 0 else 1
+    tensor = cfg.mesh.tensor if n % (fsdp * cfg.mesh.tensor) == 0 else 1
+    mesh_cfg = dataclasses.replace(cfg.mesh, data=-1, fsdp=fsdp, tensor=tensor, dcn_data=1)
+    try:
+        sharding_lib.check_model_fits_mesh(cfg.model, (n // (fsdp * tensor), fsdp, tensor))
+        return sharding_lib.make_mesh(mesh_cfg, devices)
+    except ConfigError:
+        return sharding_lib.make_mesh(dataclasses.replace(mesh_cfg, fsdp=1, tensor=1), devices[:1])
+
+
+def read_config(path: str | Path) -> tuple[Path, int, Config]:
+    """(checkpoints folder, step, config) of a checkpoint step folder, checkpoints folder or
+    workdir (its latest checkpoint)."""
+    directory, step = resolve_restore_path(str(path))
+    ckpt = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
+    try:
+        step = step if step is not None else ckpt.latest_step()
+        if step is None:
+            raise ConfigError(f"{path}: no complete checkpoint found")
+        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    finally:
+        ckpt.manager.close()
+    config = meta["meta"].get("config")
+    if config is None:
+        raise ConfigError(f"checkpoint {directory / str(step)} carries no config")
+    config["model"]["dtype"] = "auto"  # the saved value is what the training backend used
+    return directory, step, resolve(config)
+
+
+def load_model(
+    path: str | Path, *, mesh: Mesh | None = None, overrides: dict[str, Any] | None = None
+) -> Loaded:
+    """Restores the parameters of the checkpoint at `path` into a Transformer.
+
+    Args:
+      path: a checkpoint step folder (`WORKDIR/checkpoints/1200`), a checkpoints folder or a
+        workdir (its latest checkpoint).
+      mesh: where to place the parameters (default: `inference_mesh` over all devices).
+      overrides: model settings that do not change the parameters, e.g. {"dtype": "float32",
+        "attention": "xla", "scan_layers": ...} is NOT allowed (it changes the layout); allowed
+        keys: dtype, attention, remat.
+
+    Raises:
+      ConfigError: no checkpoint there, or it does not match its own config.
+    """
+    directory, step, cfg = read_config(path)
+    allowed = {"dtype", "attention", "remat"}
+    if overrides:
+        bad = sorted(set(overrides) - allowed)
+        if bad:
+            raise ConfigError(f"cannot override model.{bad[0]} when loading a checkpoint")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **overrides))
+    mesh = mesh or inference_mesh(cfg)
+    abstract = abstract_model(cfg.model)
+    graphdef, abstract_params = nnx.split(abstract)
+    shardings = sharding_lib.state_shardings(abstract_params, mesh)
+    targets = jax.tree.map(  # shardings is a prefix of the params tree (one per Variable)
+        lambda s, sub: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sub),
+        shardings,
+        abstract_params,
+    )
+    wanted = {f"params.{k}": v for k, v in flatten(targets).items()}
+    ckpt = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
+    try:
+        saved = ckpt.manager.item_metadata(step)["state"]
+        for key, want in wanted.items():
+            if key not in saved or tuple(saved[key].shape) != tuple(want.shape):
+                raise ConfigError(
+                    f"checkpoint {directory / str(step)} does not match its config at '{key}'"
+                )
+    finally:
+        ckpt.manager.close()
+    # Partial restore: only the parameters (the optimizer moments stay on disk).
+    with ocp.PyTreeCheckpointer() as reader:
+        restored = reader.restore(
+            (directory / str(step) / "state").absolute(),
+            args=ocp.args.PyTreeRestore(
+                wanted,
+                restore_args=jax.tree.map(
+                    lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), wanted
+                ),
+                partial_restore=True,
+            ),
+        )
+    params = unflatten(targets, {k[len("params.") :]: v for k, v in restored.items()})
+    model = nnx.merge(graphdef, params)
+    return Loaded(cfg=cfg, model=model, step=step, path=directory / str(step), mesh=mesh)
+
+
+def run_tokenizer(cfg: Config):
+    """The tokenizer the run's data was prepared with (perijax.data.tokenizer.Tokenizer), or
+    None for synthetic data. Opens the dataset's metadata only (no hashing of shards)."""
+    from perijax.data import tokenizer as tok_lib
+    from perijax.data.datasets import open_datasets
+
+    if cfg.data.source == "synthetic":
+        return None
+    try:
+        data = open_datasets(
+            cfg.data.source,
+            path=cfg.data.path,
+            vocab_size=cfg.model.vocab_size,
+            cache_dir=cfg.data.cache_dir or None,
+            val_fraction=cfg.data.val_fraction,
+            log=lambda _: None,
+            verify=False,
+        )
+    except ValueError as e:
+        raise ConfigError(f"cannot open the run's data to find its tokenizer: {e}") from e
+    if data.tokenizer_path:
+        eod = None
+        if data.eod_id is not None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            eod = HFTokenizer.from_file(data.tokenizer_path).id_to_token(data.eod_id)
+        return tok_lib.JsonTokenizer(data.tokenizer_path, eod)
+    if data.tokenizer in ("bytes", "cl100k_base"):
+        return tok_lib.load_tokenizer(data.tokenizer)
+    return None
+
+
+def write_checkpoint(cfg: Config, params: nnx.State, workdir: str | Path, step: int = 0) -> Path:
+    """Writes `params` as a complete training checkpoint (fresh optimizer state, step `step`)
+    plus `config.json` into `workdir`, so that
+
+        perijax train --config WORKDIR/config.json --restore WORKDIR/checkpoints/STEP
+
+    continues from them. Returns the checkpoint step folder."""
+    from perijax.train import create_state
+
+    workdir = Path(workdir)
+    state = create_state(cfg)
+    params = jax.tree.map(lambda p, x: jnp.asarray(x, p.dtype), state.params, params)
+    state = state.replace(
+        step=jnp.asarray(step, jnp.int32), params=params, opt_state=state.tx.init(params)
+    )
+    resolved = to_dict(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    ckpt = Checkpointer(workdir / "checkpoints", CheckpointConfig(async_save=False, keep=0))
+    try:
+        ckpt.save(step, state, None, {"config": resolved})
+    finally:
+        ckpt.close()
+    return workdir / "checkpoints" / str(step)
+
+
+def params_numpy(model: Transformer) -> dict[str, np.ndarray]:
+    """{'blocks.0.attn.wq': array, ...}: the model's parameters as host float32 arrays (the
+    names used in checkpoints, without the `params.` prefix)."""
+    return {k: np.asarray(jax.device_get(v)) for k, v in flatten(nnx.state(model)).items()}
