@@ -488,7 +488,11 @@ def train(
     # --- compile: explicit shardings; donation lets XLA update the state in place.
     shardings = state_shardings(cfg, mesh)
     step_fn = compile_train_step(cfg, mesh, shardings)
-    log_step_fn = compile_train_step(cfg, mesh, shardings, telemetry_on=cfg.telemetry.enabled)
+    log_step_fn = (  # one compiled step serves both when telemetry is off
+        compile_train_step(cfg, mesh, shardings, telemetry_on=True)
+        if cfg.telemetry.enabled
+        else step_fn
+    )
     eval_fn = jax.jit(eval_step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 2)))
     batch_sharding = sharding_lib.batch_sharding(mesh, 3)
     global_shape = (micro_batch, accum, seq_len + 1)
@@ -506,56 +510,79 @@ def train(
         return metrics
 
     # --- loop
+    # Metrics of a log step are copied to the host asynchronously and read after the next step
+    # has been dispatched, so the device never waits for the host to log. Step times come from
+    # the moments those reads complete (each waits for its step to finish).
     last_eval = run_eval(0) if start_step == 0 else {}
     last_train: dict[str, float] = {}
     rollbacks, preempted = 0, False
-    t_window, steps_in_window, t_loop = time.perf_counter(), 0, None
+    pending: tuple[int, Any] | None = None  # (step, device metrics) of a log step not yet read
+    mark: tuple[float, int] = (0.0, start_step)  # (time, step) when the device last went idle
+
+    def read_metrics() -> bool:
+        """Logs the pending log step's metrics; returns the guard's rollback request."""
+        nonlocal pending, last_train, mark
+        at, device_metrics = pending
+        pending = None
+        last_train = expand_layers(jax.device_get(device_metrics))
+        now = time.perf_counter()
+        rollback = bool(last_train.pop("guard/needs_rollback"))
+        if not t_cfg.skip_bad_steps and not np.isfinite(last_train["train/loss"]):
+            writer.write(at, last_train)
+            writer.close()
+            raise TrainingDiverged(f"loss is {last_train['train/loss']} at step {at}")
+        eta = None
+        if at > mark[1]:
+            step_time = (now - mark[0]) / (at - mark[1])
+            last_train["perf/step_time_s"] = step_time
+            last_train["perf/tokens_per_sec"] = tokens_per_step / step_time
+            eta = step_time * (t_cfg.total_steps - at)
+        mark = (now, at)
+        last_train["guard/rollbacks"] = rollbacks
+        writer.write(at, last_train)
+        log(progress_line(at, t_cfg.total_steps, last_train, eta))
+        return rollback
+
     step = start_step
+    t_start, t_loop = time.perf_counter(), None
     with StopSignal() as stop:
         while step < t_cfg.total_steps:
             local = np.asarray(next(batches)).reshape(local_batch // accum, accum, seq_len + 1)
             logs = (step + 1) % t_cfg.log_every_steps == 0 or step + 1 == t_cfg.total_steps
             with jax.set_mesh(mesh):
                 batch = sharding_lib.global_batch(local, batch_sharding, global_shape)
-                state, metrics = (log_step_fn if logs else step_fn)(state, batch)
+                with jax.transfer_guard("disallow"):  # nothing implicit crosses host<->device
+                    state, metrics = (log_step_fn if logs else step_fn)(state, batch)
             step += 1
-            steps_in_window += 1
             if t_loop is None:  # the first step includes compilation: report it separately
                 jax.block_until_ready(metrics)
-                log(f"compiled and ran the first step in {time.perf_counter() - t_window:.1f}s")
-                t_window, steps_in_window, t_loop = time.perf_counter(), 0, time.perf_counter()
+                log(f"compiled and ran the first step in {time.perf_counter() - t_start:.1f}s")
+                t_loop = time.perf_counter()
+                mark = (t_loop, step)
             last = step == t_cfg.total_steps
-            # The guard's rollback flag is sticky, so it is read only where the host syncs anyway:
-            # at log steps (with the metrics) and before a checkpoint is written.
-            needs_rollback = False
-            if step % t_cfg.log_every_steps == 0 or last:
-                last_train = expand_layers(jax.device_get(metrics))
-                needs_rollback = bool(last_train.pop("guard/needs_rollback"))
-                if not t_cfg.skip_bad_steps and not np.isfinite(last_train["train/loss"]):
-                    writer.write(step, last_train)
-                    writer.close()
-                    raise TrainingDiverged(f"loss is {last_train['train/loss']} at step {step}")
-                eta = None
-                if steps_in_window:
-                    step_time = (time.perf_counter() - t_window) / steps_in_window
-                    last_train["perf/step_time_s"] = step_time
-                    last_train["perf/tokens_per_sec"] = tokens_per_step / step_time
-                    eta = step_time * (t_cfg.total_steps - step)
-                last_train["guard/rollbacks"] = rollbacks
-                writer.write(step, last_train)
-                log(progress_line(step, t_cfg.total_steps, last_train, eta))
-                t_window, steps_in_window = time.perf_counter(), 0
             save_now = ckpt.due(step) or last
+            every = t_cfg.eval_every_steps
+            eval_now = bool(every and step % every == 0) or last
+            # The guard's rollback flag is sticky, so it is read only where the host syncs anyway:
+            # with the log-step metrics and before a checkpoint is written.
+            needs_rollback = read_metrics() if pending is not None else False
+            stop_now = stop_agreed(stop)
+            if logs:
+                for x in jax.tree.leaves(metrics):
+                    x.copy_to_host_async()
+                pending = (step, metrics)
+                if last or save_now or eval_now or stop_now:
+                    needs_rollback |= read_metrics()
             if needs_rollback or (save_now and bool(state.needs_rollback)):
                 state, step = _roll_back(cfg, mesh, ckpt, batches, step, rollbacks, log)
                 rollbacks += 1
                 writer.write(step, {"guard/rollbacks": rollbacks})
+                pending, mark = None, (time.perf_counter(), step)  # metrics of the dropped steps
                 continue
-            every = t_cfg.eval_every_steps
-            if (every and step % every == 0) or last:
+            if eval_now:
                 last_eval = run_eval(step)
-                t_window, steps_in_window = time.perf_counter(), 0
-            if stop_agreed(stop):
+                mark = (time.perf_counter(), step)
+            if stop_now:
                 save(step)
                 ckpt.wait()
                 preempted = True

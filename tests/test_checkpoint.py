@@ -64,8 +64,9 @@ def straight(tmp_path_factory):
 def test_stop_and_resume_is_bit_exact(tmp_path, straight):
     cfg = config()
     first = train_lib.train(cfg, tmp_path, log=stop_at(4))
-    assert first["preempted"] and int(first["state"].step) == 4
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+    # Step 4's metrics are read (and logged) once step 5 is running: the stop lands at step 5.
+    assert first["preempted"] and int(first["state"].step) == 5
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["5"]
     second = train_lib.train(cfg, tmp_path, log=lambda s: None)
     assert not second["preempted"]
     assert losses_by_step(tmp_path) == straight[0]  # every step, bit-exact, data order included
@@ -208,7 +209,7 @@ def test_restoring_a_different_placement_names_the_parameter(tmp_path):
 
 
 def test_explicit_restore_starts_a_new_workdir_from_a_checkpoint(tmp_path, straight):
-    train_lib.train(config(), tmp_path / "a", log=stop_at(4))
+    train_lib.train(config(), tmp_path / "a", log=stop_at(3))  # stops at step 4
     cfg = config(**{"checkpoint.restore": str(tmp_path / "a" / "checkpoints" / "4")})
     train_lib.train(cfg, tmp_path / "b", log=lambda s: None)
     got = losses_by_step(tmp_path / "b")
