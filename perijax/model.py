@@ -12,6 +12,7 @@ sharding rules map onto mesh axes.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -45,6 +46,40 @@ def check_backend(cfg: ModelConfig) -> None:
         )
     if cfg.attention == "cudnn" and compute_dtype(cfg) == jnp.float32:
         raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 (or auto on GPU)")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+    """`jnp.einsum(spec, a, b)` for two operands in `a`'s dtype (the compute dtype) with float32
+    accumulation, returned in `out_dtype` (default: `a`'s dtype). `b` may be a float32 parameter:
+    it is cast to the compute dtype inside, and its gradient comes back in float32.
+
+    The backward pass casts the incoming gradient to the compute dtype too, so with bfloat16
+    compute all three matmuls of a layer (forward, input and weight gradient) take bfloat16
+    inputs and accumulate in float32; plain autodiff would run the two backward matmuls with a
+    float32 operand, i.e. entirely in float32. With float32 compute this is exactly
+    `jnp.einsum`."""
+    out, _ = _einsum_fwd(spec, a, b, out_dtype)
+    return out
+
+
+def _einsum_fwd(spec, a, b, out_dtype):
+    out = jnp.einsum(spec, a, b.astype(a.dtype), preferred_element_type=jnp.float32)
+    return out.astype(out_dtype or a.dtype), (a, b)
+
+
+def _einsum_bwd(spec, out_dtype, residuals, g):
+    a, b = residuals
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    g = g.astype(a.dtype)
+    bc = b.astype(a.dtype)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g, bc, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str, ...], dtype):
@@ -89,7 +124,7 @@ def attend(
     kv = k.shape[2]
     # Grouped query heads: [B, T, K, G, Dh] with h = kv * G + g.
     q = q.reshape(b, t, kv, h // kv, dh)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = einsum("btkgd,bskd->bkgts", q, k, jnp.float32)
     logits = logits / math.sqrt(dh)
     if mask is None:
         mask = jnp.tril(jnp.ones((t, t), dtype=bool))
@@ -97,7 +132,7 @@ def attend(
         mask = mask[:, None, None]  # [B, 1, 1, T, S]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+    return einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
 
 
 def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -147,12 +182,12 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None):
         """x: [B, T, D] -> [B, T, D]; with a `cache`, also the cache with this step's keys and
         values written at `cache.index`."""
-        cfg, dtype = self.cfg, x.dtype
+        cfg = self.cfg
         b, t, _ = x.shape
         h, k, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
-        kk = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
+        q = einsum("btd,dhk->bthk", x, self.wq[...])
+        kk = einsum("btd,dhk->bthk", x, self.wk[...])
+        v = einsum("btd,dhk->bthk", x, self.wv[...])
         if cfg.qk_norm == "per_head":
             q, kk = self.q_norm(q), self.k_norm(kk)
         elif cfg.qk_norm == "full":
@@ -167,11 +202,12 @@ class Attention(nnx.Module):
                 k=jax.lax.dynamic_update_slice(cache.k, kk.astype(cache.k.dtype), at),
                 v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
             )
-            out = attend(cfg.attention, q, cache.k.astype(dtype), cache.v.astype(dtype), cache.mask)
+            keys, values = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
+            out = attend(cfg.attention, q, keys, values, cache.mask)
         else:
             out = attend(cfg.attention, q, kk, v)
         out = constrain(out, ("batch", "seq", "heads", "kv"))
-        out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+        out = einsum("bthk,hkd->btd", out, self.wo[...])
         return out if cache is None else (out, cache)
 
 
@@ -187,11 +223,10 @@ class Mlp(nnx.Module):
         self.w_down = _param(rngs, out_std or cfg.init_std, (f, d), ("mlp", "embed"), pd)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dtype))
-        up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dtype))
+        gate = einsum("btd,df->btf", x, self.w_gate[...])
+        up = einsum("btd,df->btf", x, self.w_up[...])
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dtype))
+        return einsum("btf,fd->btd", hidden, self.w_down[...])
 
 
 class Block(nnx.Module):
@@ -415,10 +450,11 @@ class Transformer(nnx.Module):
     def _logits(self, x: jax.Array) -> jax.Array:
         if self.final_norm is not None:
             x = self.final_norm(x)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum(
-            "btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32
-        )
+        if self.lm_head is None:  # tied: the [V, D] embedding as is (a transposed operand
+            # sends XLA:CPU's bfloat16 weight-gradient dot to an unsupported kernel)
+            logits = einsum("btd,vd->btv", x, self.embed[...], jnp.float32)
+        else:
+            logits = einsum("btd,dv->btv", x, self.lm_head[...], jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"))
 
     def _decode(self, x: jax.Array, positions: jax.Array, cache: KVCache, valid: jax.Array | None):
