@@ -1,0 +1,484 @@
+"""`perijax eval`: the loss and perplexity of a checkpoint on its run's data, or
+lm-evaluation-harness tasks on it (docs/eval_export.md).
+
+    perijax eval runs/tiny                                   # every token of the val split
+    perijax eval runs/tiny/checkpoints/500 --max-batches 8   # = the trainer's eval at step 500
+    perijax eval runs/tiny --tasks hellaswag --limit 200     # lm-eval (perijax.lm_eval_adapter)
+
+By default every token of the split is scored once, in a fixed order: each dataset's split is
+cut into the trainer's eval windows (``seq_len + 1`` tokens starting every ``seq_len``), the last
+window shorter, in batches of the run's micro-batch. Positions past a short window and rows past
+a short batch are masked, so batching never changes what is scored. ``max_batches`` instead takes
+the first batches exactly as the trainer's eval builds them (`Datasets.eval_batches`), so with the
+run's settings it reports the loss the trainer logged at that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from perijax.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    import jax
+    from flax import nnx
+
+__all__ = ["evaluate_checkpoint", "eval_sums", "run_tasks", "add_parser", "run"]
+
+SPLITS = ("val", "train")
+PROGRESS_SECONDS = 10.0  # a progress line at most this often on long evals
+
+
+# ------------------------------------------------------------------------------------ the loss
+def eval_sums(
+    graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, mask: jax.Array
+) -> dict[str, jax.Array]:
+    """The trainer's `eval_step` with a mask: summed next-token cross-entropy (nats) and count of
+    the targets where `mask` is True. tokens: [B, T + 1] int32; mask: [B, T] bool (target
+    positions). Masked positions are selected away (not multiplied), so padding cannot leak."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    logits = model(tokens[:, :-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), tokens[:, 1:]
+    )
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "tokens": jnp.sum(mask, dtype=jnp.float32),
+    }
+
+
+def _split_streams(data, split: str) -> list[tuple[str, Any]]:
+    """[(member name, TokenStream)] of `split` for every dataset of `data`, in mixture order.
+
+    `Datasets` has no public accessor for its per-member streams yet; this reads its members."""
+    return [(m.name, m.val if split == "val" else m.train) for m in data._members]
+
+
+def _windows(stream, seq_len: int) -> Iterator[np.ndarray]:
+    """Consecutive windows of `stream` as the trainer's eval cuts them (stream[i*T : i*T + T + 1])
+    followed by the shorter last window, so every token after the first is a target once."""
+    n = len(stream)
+    for start in range(0, n - 1, seq_len):
+        yield stream.read(start, min(start + seq_len + 1, n))
+
+
+def _padded_batches(
+    rows: Iterator[np.ndarray], batch_size: int, rows_per_batch: int, seq_len: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Groups rows of at most seq_len + 1 tokens into (tokens [R, T + 1], mask [R, T]) with
+    R = rows_per_batch >= batch_size; short rows, the rows past `batch_size` and the rows
+    missing from the last batch are padding (id 0, mask False)."""
+
+    def empty():
+        return (
+            np.zeros((rows_per_batch, seq_len + 1), np.int32),
+            np.zeros((rows_per_batch, seq_len), bool),
+        )
+
+    tokens, mask = empty()
+    filled = 0
+    for row in rows:
+        tokens[filled, : len(row)] = row
+        mask[filled, : len(row) - 1] = True
+        filled += 1
+        if filled == batch_size:
+            yield tokens, mask
+            tokens, mask = empty()
+            filled = 0
+    if filled:
+        yield tokens, mask
+
+
+def _open_data(cfg: Config, data_path: str | None, log: Callable[[str], None]):
+    """The run's data (prepared on first use, as the trainer does), or a prepared dataset."""
+    from perijax.data import open_datasets
+    from perijax.train import load_data
+
+    if not data_path:
+        return load_data(cfg, log)
+    try:
+        return open_datasets("prepared", path=data_path, vocab_size=cfg.model.vocab_size, log=log)
+    except ValueError as e:
+        raise ConfigError(f"--data {data_path}: {e}") from e
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    split: str = "val",
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    max_batches: int | None = None,
+    data_path: str | None = None,
+    data=None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Mean next-token loss of the checkpoint at `path` on a split of its run's data.
+
+    Args:
+      path: a checkpoint step folder, a checkpoints folder or a workdir (its latest checkpoint).
+      split: "val" (held out) or "train".
+      batch_size: windows per batch (default: the run's micro-batch, global_batch_size /
+        grad_accum_steps, as the trainer's eval uses). Rows are padded up to a multiple of the
+        mesh's batch shards; padding is masked.
+      seq_len: tokens per window (default: the run's data.seq_len).
+      max_batches: None scores every token of the split; N scores the first N batches of the
+        trainer's eval order (with N = train.eval_batches and the run's batch settings: exactly
+        the trainer's eval at that step). For the train split, the first N batches of
+        consecutive windows.
+      data_path: a prepared dataset folder (or mixture "A=0.7,B=0.3") instead of the run's data.
+      data: an already opened `perijax.data.Datasets` (overrides data_path).
+      log: receives one-line progress messages.
+
+    Returns:
+      {"loss": nats per token, "perplexity", "bits_per_token", "tokens": targets scored,
+       "batches", "split", "seq_len", "batch_size", "data", "step", "checkpoint"}.
+
+    Raises:
+      ConfigError: no checkpoint there, a bad split or size, data that does not fit the model.
+    """
+    # JAX is imported on use, so that `perijax --help` and the other subcommands stay quick.
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from perijax import sharding as sharding_lib
+    from perijax.inference import load_model
+
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    for name, value in (
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("max_batches", max_batches),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1")
+    if jax.process_index() != 0:
+        log = lambda _: None  # noqa: E731
+
+    loaded = load_model(path)
+    cfg, mesh = loaded.cfg, loaded.mesh
+    seq_len = seq_len or cfg.data.seq_len
+    batch_size = batch_size or cfg.train.global_batch_size // cfg.train.grad_accum_steps
+    if data is None:
+        data = _open_data(cfg, data_path, log)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"data '{data.name}' has {data.vocab_size} token ids but the model has "
+            f"vocab_size={cfg.model.vocab_size}"
+        )
+    if seq_len > cfg.data.seq_len:
+        log(
+            f"note: seq_len={seq_len} is longer than the run's data.seq_len={cfg.data.seq_len}; "
+            "the model never saw positions past that"
+        )
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows_per_batch = -(-batch_size // shards) * shards
+
+    # --- batches: the trainer's own eval batches, or every window of the split.
+    streams = _split_streams(data, split)
+    if split == "val" and max_batches is not None:
+        try:
+            fixed = data.eval_batches(
+                seq_len=seq_len, batch_size=batch_size, num_batches=max_batches
+            )
+        except ValueError as e:
+            raise ConfigError(f"data '{data.name}': {e}") from e
+        rows = (row for batch in fixed for row in np.asarray(batch))
+        num_batches = len(fixed)
+    else:
+        windows = sum(max(0, -(-(len(s) - 1) // seq_len)) for _, s in streams)
+        if windows == 0:
+            raise ConfigError(f"the {split} split of data '{data.name}' has fewer than 2 tokens")
+        rows = (w for _, s in streams for w in _windows(s, seq_len))
+        num_batches = -(-windows // batch_size)
+        if max_batches is not None:
+            num_batches = min(num_batches, max_batches)
+    batches = _padded_batches(rows, batch_size, rows_per_batch, seq_len)
+
+    # --- compile once: batches sharded over the mesh's batch axes like training.
+    graphdef, params = nnx.split(loaded.model)
+    batch_sharding = sharding_lib.batch_sharding(mesh, 2)
+    eval_fn = jax.jit(
+        functools.partial(eval_sums, graphdef),
+        in_shardings=(None, batch_sharding, batch_sharding),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    )
+    log(
+        f"eval: step {loaded.step} of {loaded.path} on {data.name} ({split}): {num_batches:,} "
+        f"batches of {batch_size} x {seq_len} tokens on {sharding_lib.describe(mesh)}"
+    )
+
+    # --- loop: the host reads batch i's sums after dispatching batch i + 1.
+    loss_sum, tokens = 0.0, 0.0
+    done, t0, last_report = 0, time.perf_counter(), time.perf_counter()
+    pending = None
+
+    def collect(out) -> None:
+        nonlocal loss_sum, tokens, done, last_report
+        out = jax.device_get(out)
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+        done += 1
+        now = time.perf_counter()
+        if now - last_report >= PROGRESS_SECONDS and done < num_batches:
+            log(
+                f"eval: {done:,}/{num_batches:,} batches, {int(tokens):,} tokens, "
+                f"loss {loss_sum / tokens:.4f}, {now - t0:.0f}s"
+            )
+            last_report = now
+
+    with jax.set_mesh(mesh):
+        for i, (batch, mask) in enumerate(batches):
+            if i == num_batches:
+                break
+            out = eval_fn(
+                params,
+                sharding_lib.replicated_batch(batch, batch_sharding),
+                sharding_lib.replicated_batch(mask, batch_sharding),
+            )
+            if pending is not None:
+                collect(pending)
+            pending = out
+        if pending is not None:
+            collect(pending)
+
+    loss = loss_sum / tokens
+    log(f"eval: {int(tokens):,} tokens in {time.perf_counter() - t0:.1f}s")
+    return {
+        "loss": loss,
+        "perplexity": float(np.exp(min(loss, 80.0))),
+        "bits_per_token": loss / math.log(2),
+        "tokens": int(tokens),
+        "batches": done,
+        "split": split,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "data": data.name,
+        "step": loaded.step,
+        "checkpoint": str(loaded.path),
+    }
+
+
+# ------------------------------------------------------------------------- lm-evaluation-harness
+def _import_lm_eval():
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise ConfigError(
+            "--tasks needs lm-evaluation-harness: pip install lm_eval (or perijax[eval])"
+        ) from e
+    return lm_eval
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
+    """lm-eval's task index (built-in tasks plus `include_path`); indexing takes seconds, so it
+    is kept for the process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def run_tasks(
+    checkpoint: str | Path,
+    tasks: Sequence[str],
+    *,
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int | None = None,
+    tokenizer: str | None = None,
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """Runs lm-evaluation-harness `tasks` (names, globs or task YAML files) on a checkpoint
+    through `perijax.lm_eval_adapter.PerijaxLM`; returns `lm_eval.simple_evaluate`'s results.
+
+    Raises:
+      ConfigError: lm_eval is not installed, an include path is missing, a task is unknown.
+    """
+    lm_eval = _import_lm_eval()
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ConfigError(f"--include-path {include_path}: no such folder")
+    manager = _task_manager(str(Path(include_path).resolve()) if include_path else None)
+    for task in tasks:
+        if not (task.endswith((".yaml", ".yml")) and Path(task).is_file()):
+            if not manager.match_tasks([task]):
+                raise ConfigError(
+                    f"unknown lm-eval task {task!r} (list them with `lm-eval ls tasks`"
+                    + (f" --include_path {include_path})" if include_path else ")")
+                )
+    from perijax.lm_eval_adapter import PerijaxLM
+
+    lm = PerijaxLM(
+        checkpoint=str(checkpoint),
+        batch_size=batch_size,
+        tokenizer=tokenizer,
+        max_length=max_length,
+    )
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+    )
+
+
+# ------------------------------------------------------------------------------------- command
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="loss/perplexity of a checkpoint, or lm-evaluation-harness tasks",
+        description="Loss, perplexity and bits per token of a checkpoint on its run's data "
+        "(every token of the split by default), or lm-evaluation-harness tasks with --tasks "
+        "(docs/eval_export.md).",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a checkpoints/<step> folder or a workdir"
+    )
+    p.add_argument("--split", default="val", metavar="{val,train}", help="default: val (held out)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="sequences per batch (default: the run's micro-batch; with --tasks, 16 requests)",
+    )
+    p.add_argument(
+        "--seq-len", type=int, metavar="N", help="tokens per window (default: the run's seq_len)"
+    )
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        metavar="N",
+        help="only the first N batches, in the trainer's eval order (default: every token)",
+    )
+    p.add_argument("--data", metavar="PATH", help="a prepared dataset folder instead of the run's")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    g = p.add_argument_group("lm-evaluation-harness (with --tasks)")
+    g.add_argument(
+        "--tasks", metavar="T1,T2", help="comma-separated task names, globs or task YAML files"
+    )
+    g.add_argument("--include-path", metavar="DIR", help="a folder of extra task YAMLs")
+    g.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples per prompt")
+    g.add_argument("--limit", type=float, metavar="N", help="examples per task (a fraction if < 1)")
+    g.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json instead of the run's")
+    g.add_argument(
+        "--max-length",
+        type=int,
+        metavar="N",
+        help="context window in tokens (default: the run's seq_len)",
+    )
+    return p
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"perijax: error: {message}", file=sys.stderr)
+    return code
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not Path(args.checkpoint).exists():
+        raise ConfigError(f"checkpoint {args.checkpoint}: no such file or directory")
+    if args.tasks:
+        loss_only = {"--seq-len": args.seq_len, "--max-batches": args.max_batches}
+        loss_only |= {"--data": args.data, "--split": None if args.split == "val" else args.split}
+        given = [flag for flag, value in loss_only.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} has no effect with --tasks")
+        if args.limit is not None and args.limit <= 0:
+            raise ConfigError(f"--limit {args.limit:g} must be > 0")
+    else:
+        lm_only = {"--include-path": args.include_path, "--num-fewshot": args.num_fewshot}
+        lm_only |= {"--limit": args.limit, "--tokenizer": args.tokenizer}
+        lm_only |= {"--max-length": args.max_length}
+        given = [flag for flag, value in lm_only.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} needs --tasks")
+        if args.split not in SPLITS:
+            raise ConfigError(
+                f"unknown --split {args.split!r}: expected one of {', '.join(SPLITS)}"
+            )
+    if args.json and not Path(args.json).absolute().parent.is_dir():
+        raise ConfigError(f"--json {args.json}: its folder does not exist")
+
+
+def _print_loss(result: dict[str, Any]) -> None:
+    print(f"checkpoint  {result['checkpoint']} (step {result['step']})")
+    print(
+        f"data        {result['data']}, {result['split']} split: {result['tokens']:,} tokens in "
+        f"{result['batches']:,} batches of {result['batch_size']} x {result['seq_len']}"
+    )
+    print(f"loss        {result['loss']:.6f} nats/token")
+    print(f"perplexity  {result['perplexity']:.4f}")
+    print(f"bits/token  {result['bits_per_token']:.6f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `perijax eval`: bad input is one line on stderr and exit status 2."""
+    import jax
+
+    from perijax.checkpoint import CheckpointError
+
+    try:
+        _check_args(args)
+        if args.tasks:
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+            limit = args.limit
+            if limit is not None and limit >= 1:
+                limit = int(limit)
+            result = run_tasks(
+                args.checkpoint,
+                tasks,
+                include_path=args.include_path,
+                num_fewshot=args.num_fewshot,
+                limit=limit,
+                batch_size=args.batch_size,
+                tokenizer=args.tokenizer,
+                max_length=args.max_length,
+            )
+        else:
+            result = evaluate_checkpoint(
+                args.checkpoint,
+                split=args.split,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                max_batches=args.max_batches,
+                data_path=args.data,
+                log=lambda s: print(s, file=sys.stderr, flush=True),
+            )
+    except (ConfigError, CheckpointError, ValueError) as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return _fail("out of device memory: lower --batch-size (or --seq-len)", code=1)
+    if jax.process_index() != 0:
+        return 0
+    if args.tasks:
+        from lm_eval.utils import make_table
+
+        print(make_table(result))
+        if result.get("groups"):
+            print(make_table(result, "groups"))
+    else:
+        _print_loss(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
