@@ -3,11 +3,14 @@ the library.
 
     perijax train [--config FILE[:ARG]] [--workdir DIR] [--config.SECTION.KEY=VALUE ...]
     perijax plan  [--config FILE[:ARG]] --devices N --accelerator NAME [--config.X=V ...]
+    perijax bench [--config FILE[:ARG]] [--placements all] [--json OUT]  (docs/performance.md)
     perijax launch-local -n N [--devices-per-process D] -- train ...
     perijax prepare INPUTS... --out DIR --tokenizer cl100k_base   (docs/data.md)
     perijax launch-slurm / launch-tpu ... --dry-run                (docs/launching.md)
     perijax sweep --sweep configs/sweeps/x.py / perijax report DIR  (docs/experiments.md)
     perijax generate CHECKPOINT --prompt TEXT                       (docs/eval_export.md)
+    perijax eval CHECKPOINT [--tasks ...]                           (docs/eval_export.md)
+    perijax export CHECKPOINT --out DIR / perijax import HF_DIR --out WORKDIR
 
 Errors in the user's input print one line to stderr and exit with status 2, before anything is
 computed or written.
@@ -104,7 +107,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from perijax import generate, launch, launchers, plan, report, sweep
+    from perijax import bench, evaluate, generate, hf, launch, launchers, plan, report, sweep
 
     parser = argparse.ArgumentParser(
         prog="perijax",
@@ -137,11 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         "latest), even if the workdir has its own; same as --config.checkpoint.restore",
     )
     plan.add_parser(sub)
+    bench.add_parser(sub)
     launch.add_parser(sub)
     launchers.add_parsers(sub)
     sweep.add_parser(sub)
     report.add_parser(sub)
     generate.add_parser(sub)
+    evaluate.add_parser(sub)
+    hf.add_parsers(sub)
     from perijax.data import prepare
 
     prepare.add_prepare_parser(sub)
@@ -166,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if overrides and args.command == "launch-local":
         return _fail("put --config.* overrides after `--`, on the launched command")
+    if overrides and args.command in ("eval", "generate", "export"):
+        key = overrides[0][0]
+        return _fail(f"perijax {args.command} takes no --config.{key}: it uses the checkpoint's")
     if hasattr(args, "launcher"):  # launch-slurm, launch-tpu (perijax/launchers)
         return args.launcher(args, overrides)
     if args.command == "train":
@@ -186,6 +195,22 @@ def main(argv: list[str] | None = None) -> int:
         from perijax import launch
 
         return launch.run(args)
+    if args.command == "bench":
+        from perijax import bench
+
+        return bench.run(args, overrides)
+    if args.command == "export":
+        from perijax import hf
+
+        return hf.run_export(args)
+    if args.command == "import":
+        from perijax import hf
+
+        return hf.run_import(args, overrides)
+    if args.command == "eval":
+        from perijax import evaluate
+
+        return evaluate.run(args)
     if args.command == "generate":
         from perijax import generate
 

@@ -17,13 +17,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from perijax.model import Transformer
+if TYPE_CHECKING:  # JAX is imported when generating, not when the command line is parsed
+    import jax
+    from flax import nnx
+
+    from perijax.model import Transformer
 
 __all__ = ["generate", "sample_logits", "add_parser", "run"]
 
@@ -36,6 +38,9 @@ def sample_logits(
     """Next token ids [B] from logits [B, V]: argmax when `temperature` is 0, else a sample from
     softmax(logits / temperature) restricted to the `top_k` most likely tokens (0: all) and to
     the smallest set whose probability reaches `top_p` (1.0: all)."""
+    import jax
+    import jax.numpy as jnp
+
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
@@ -54,7 +59,6 @@ def sample_logits(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
 def _generate(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -67,6 +71,10 @@ def _generate(
     top_p: float,
 ) -> jax.Array:
     """tokens [B, P] left-padded by `pad` [B] -> new tokens [B, max_new_tokens]."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
     model: Transformer = nnx.merge(graphdef, state)
     b, p = tokens.shape
     slots = jnp.arange(p)
@@ -88,6 +96,13 @@ def _generate(
 
     out, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, cache))
     return out
+
+
+@functools.cache
+def _jitted_generate():
+    import jax
+
+    return jax.jit(_generate, static_argnums=(0, 5, 6, 7, 8))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -130,9 +145,13 @@ def generate(
     for row, prompt in enumerate(prompts):
         pad[row] = width - len(prompt)
         tokens[row, pad[row] :] = prompt
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
     steps = _round_up(max_new_tokens, BUCKET)
     graphdef, state = nnx.split(model)
-    out = _generate(
+    out = _jitted_generate()(
         graphdef,
         state,
         jnp.asarray(tokens),

@@ -107,11 +107,13 @@ def load_model(
     abstract = abstract_model(cfg.model)
     graphdef, abstract_params = nnx.split(abstract)
     shardings = sharding_lib.state_shardings(abstract_params, mesh)
-    targets = jax.tree.map(  # shardings is a prefix of the params tree (one per Variable)
-        lambda s, sub: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sub),
-        shardings,
-        abstract_params,
-    )
+
+    def with_sharding(sharding, variable):  # shardings is a prefix of the params tree
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), variable
+        )
+
+    targets = jax.tree.map(with_sharding, shardings, abstract_params)
     wanted = {f"params.{k}": v for k, v in flatten(targets).items()}
     ckpt = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
     try:
