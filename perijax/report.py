@@ -310,10 +310,37 @@ def summarize(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                 "grad_norm_spikes": Stat.of([r.final("spikes/grad_norm") for r in members]),
                 "loss_spikes": Stat.of([r.final("spikes/loss") for r in members]),
                 "max_abs": max((v for v in max_abs if v is not None), default=None),
+                "grad_spread": _median([_last_step_layers(r, GRAD_NORM_LAYER) for r in done]),
+                "final_var": _median([_last_step_layers(r, RESID_VAR_LAYER) for r in done]),
                 "members": [r.name for r in members],
             }
         )
     return out
+
+
+GRAD_NORM_LAYER = re.compile(r"^stability/grad_norm/(\d+)$")
+RESID_VAR_LAYER = re.compile(r"^stability/resid_var/(\d+)/mlp$")
+
+
+def _last_step_layers(run: RunResult, pattern: re.Pattern) -> float | None:
+    """At the last step that logged `pattern`'s per-layer values: for gradient norms the largest
+    over the smallest layer value (1 = perfectly uniform), for residual variance the value
+    after the last block. None without those metrics."""
+    rows = _rows_with(run, pattern)
+    if not rows:
+        return None
+    values = _layer_values(rows[-1], pattern)
+    if len(values) < 2:
+        return None
+    if pattern is RESID_VAR_LAYER:
+        return values[max(values)]
+    low, high = min(values.values()), max(values.values())
+    return high / low if low > 0 else math.inf
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return float(statistics.median(present)) if present else None
 
 
 def _max_abs(run: RunResult) -> float | None:
@@ -357,6 +384,8 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
         "grad-norm spikes",
         "loss spikes",
         "max abs(h)",
+        "layer grad-norm max/min",
+        "resid var after last block",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
@@ -370,6 +399,8 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
             g["grad_norm_spikes"].text(1),
             g["loss_spikes"].text(1),
             "–" if g["max_abs"] is None else f"{g['max_abs']:.3g}",
+            "–" if g["grad_spread"] is None else f"{g['grad_spread']:.3g}",
+            "–" if g["final_var"] is None else f"{g['final_var']:.3g}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -379,7 +410,8 @@ def write_csv(groups: Sequence[dict[str, Any]], path: Path) -> None:
     keys = list(groups[0]["keys"]) if groups else list(GROUP_KEYS)
     stats = ("train_loss", "eval_loss", "grad_norm_spikes", "loss_spikes")
     header = [_key_label(k) for k in keys] + ["runs", "diverged", "failed", "unfinished"]
-    header += [f"{s}_{part}" for s in stats for part in ("mean", "std", "n")] + ["max_abs"]
+    header += [f"{s}_{part}" for s in stats for part in ("mean", "std", "n")]
+    header += ["max_abs", "grad_spread_median", "final_resid_var_median"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -388,7 +420,7 @@ def write_csv(groups: Sequence[dict[str, Any]], path: Path) -> None:
             row.append(g["unfinished"])
             for s in stats:
                 row += [_csv(g[s].mean), _csv(g[s].std), g[s].n]
-            row.append(_csv(g["max_abs"]))
+            row += [_csv(g["max_abs"]), _csv(g["grad_spread"]), _csv(g["final_var"])]
             writer.writerow(row)
 
 
@@ -514,7 +546,7 @@ def fig_layer_grad_norm(reps: dict[str, RunResult], path: Path) -> str | None:
     initialization: step 0 has no train metrics) and the last."""
     import matplotlib.pyplot as plt
 
-    pattern = re.compile(r"^stability/grad_norm/(\d+)$")
+    pattern = GRAD_NORM_LAYER
     data = {p: _rows_with(r, pattern) for p, r in reps.items()}
     data = {p: rows for p, rows in data.items() if rows}
     if not data:
@@ -734,7 +766,10 @@ def report(
     body.write(
         "Losses: mean ± sample std over the seeds that finished without diverging (n of them); "
         "diverged runs are counted in `diverged`, not averaged. Spikes: the trainer's running "
-        "counts at the last step, averaged over runs.\n"
+        "counts at the last step, averaged over runs. Max abs(h): the largest |hidden state| any "
+        "run logged. Layer grad-norm max/min (1 = uniform across layers; inf: a layer's gradient "
+        "underflowed to 0) and resid var after the last block: at the last logged step, median "
+        "over the finished runs.\n"
     )
     if notes:
         body.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")

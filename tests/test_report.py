@@ -250,3 +250,22 @@ def test_command_line(sweep_root, tmp_path, capsys):
         assert run(*argv, overrides=overrides) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_layer_uniformity_and_final_variance_columns(tmp_path):
+    """`layer grad-norm max/min` is the largest over the smallest per-layer gradient norm and
+    `resid var after last block` the last block's variance, both at the last logged step and
+    taken as the median over seeds."""
+    for seed, (grads, var) in enumerate([([1.0, 4.0, 2.0], 10.0), ([0.5, 1.0, 3.0], 30.0)]):
+        run = write_run(tmp_path, "peri", 0.001, seed, stability=False)
+        with open(run / "metrics.jsonl", "a") as f:
+            row = {"step": STEPS[-1], "train/loss": 1.0}
+            row.update({f"stability/grad_norm/{i:02d}": g for i, g in enumerate(grads)})
+            row.update({f"stability/resid_var/{i:02d}/mlp": 1.0 for i in range(2)})
+            row["stability/resid_var/02/mlp"] = var
+            f.write(json.dumps(row) + "\n")
+    (group,) = report.report(tmp_path, tmp_path / "out", figures=False, log=lambda s: None)
+    assert group["grad_spread"] == pytest.approx((4.0 + 6.0) / 2)
+    assert group["final_var"] == pytest.approx((10.0 + 30.0) / 2)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| 5 | 20 |" in summary
