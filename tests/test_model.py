@@ -349,3 +349,42 @@ def test_mixed_precision_einsum_gradients():
         assert operands.count("bf16>") == 2, line
     gx, gw = grad(xb, w)
     assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bfloat16_compute_trains_on_cpu(tie):
+    """bfloat16 compute (f32 params) runs forward and backward on one CPU device for every
+    placement, and its loss is within bfloat16 rounding of the float32 loss."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from perijax.config import ModelConfig
+    from perijax.metrics import cross_entropy
+    from perijax.model import Transformer
+
+    tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
+    for placement in ("pre", "post", "peri", "output"):
+        base = ModelConfig(
+            vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=64,
+            ln_placement=placement, tie_embeddings=tie, dtype="float32",
+        )  # fmt: skip
+        losses = {}
+        for dtype in ("float32", "bfloat16"):
+            cfg = dataclasses.replace(base, dtype=dtype)
+            graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=0)))
+
+            def loss(params, graphdef=graphdef):
+                total, count = cross_entropy(
+                    nnx.merge(graphdef, params)(tokens[:, :-1]), tokens[:, 1:]
+                )
+                return total / count
+
+            value, grads = jax.jit(jax.value_and_grad(loss))(params)
+            assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+            assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+            losses[dtype] = float(value)
+        np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
