@@ -12,6 +12,7 @@ checkpoint does not depend on Python class names and a mismatch names the exact 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -66,14 +67,20 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig, *, read_only=False):
         self.cfg = cfg
         self.directory = Path(directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep or None,
-            keep_period=cfg.keep_every_steps or None,
-            enable_async_checkpointing=cfg.async_save,
-            create=not read_only,
-            read_only=read_only,
-        )
+        # A read-only manager logs three warnings about options it ignores; they say nothing
+        # to a user who only reads a checkpoint.
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:
+            absl_logger.setLevel(logging.ERROR)
         try:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep or None,
+                keep_period=cfg.keep_every_steps or None,
+                enable_async_checkpointing=cfg.async_save,
+                create=not read_only,
+                read_only=read_only,
+            )
             self.manager = ocp.CheckpointManager(
                 self.directory.absolute(),
                 options=options,
@@ -85,6 +92,8 @@ class Checkpointer:
             )
         except OSError as e:
             raise CheckpointError(f"cannot use checkpoint folder {self.directory}: {e}") from e
+        finally:
+            absl_logger.setLevel(level)
         self._last_save_time = time.monotonic()
         self.last_saved_step: int | None = self.manager.latest_step()
 
