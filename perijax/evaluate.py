@@ -46,26 +46,18 @@ def eval_sums(
     """The trainer's `eval_step` with a mask: summed next-token cross-entropy (nats) and count of
     the targets where `mask` is True. tokens: [B, T + 1] int32; mask: [B, T] bool (target
     positions). Masked positions are selected away (not multiplied), so padding cannot leak."""
-    import jax.numpy as jnp
-    import optax
     from flax import nnx
 
+    from perijax.metrics import cross_entropy
+
     model = nnx.merge(graphdef, params)
-    logits = model(tokens[:, :-1])
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), tokens[:, 1:]
-    )
-    return {
-        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
-        "tokens": jnp.sum(mask, dtype=jnp.float32),
-    }
+    total, count = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], mask)
+    return {"loss_sum": total, "tokens": count}
 
 
 def _split_streams(data, split: str) -> list[tuple[str, Any]]:
-    """[(member name, TokenStream)] of `split` for every dataset of `data`, in mixture order.
-
-    `Datasets` has no public accessor for its per-member streams yet; this reads its members."""
-    return [(m.name, m.val if split == "val" else m.train) for m in data._members]
+    """[(member name, TokenStream)] of `split` for every dataset of `data`, in mixture order."""
+    return data.streams(split)
 
 
 def _windows(stream, seq_len: int) -> Iterator[np.ndarray]:

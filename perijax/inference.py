@@ -61,9 +61,9 @@ def inference_mesh(cfg: Config, devices: list[Any] | None = None) -> Mesh:
         return sharding_lib.make_mesh(dataclasses.replace(mesh_cfg, fsdp=1, tensor=1), devices[:1])
 
 
-def read_config(path: str | Path) -> tuple[Path, int, Config]:
-    """(checkpoints folder, step, config) of a checkpoint step folder, checkpoints folder or
-    workdir (its latest checkpoint)."""
+def _open_checkpoint(path: str | Path) -> tuple[Path, int, Config, dict[str, Any]]:
+    """(checkpoints folder, step, config, {saved key: array metadata}) of a checkpoint step
+    folder, checkpoints folder or workdir (its latest checkpoint), read in one open."""
     directory, step = resolve_restore_path(str(path))
     ckpt = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
     try:
@@ -71,13 +71,20 @@ def read_config(path: str | Path) -> tuple[Path, int, Config]:
         if step is None:
             raise ConfigError(f"{path}: no complete checkpoint found")
         meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        saved = ckpt.manager.item_metadata(step)["state"]
     finally:
         ckpt.manager.close()
     config = meta["meta"].get("config")
     if config is None:
         raise ConfigError(f"checkpoint {directory / str(step)} carries no config")
     config["model"]["dtype"] = "auto"  # the saved value is what the training backend used
-    return directory, step, resolve(config)
+    return directory, step, resolve(config), saved
+
+
+def read_config(path: str | Path) -> tuple[Path, int, Config]:
+    """(checkpoints folder, step, config) of a checkpoint step folder, checkpoints folder or
+    workdir (its latest checkpoint)."""
+    return _open_checkpoint(path)[:3]
 
 
 def load_model(
@@ -89,14 +96,14 @@ def load_model(
       path: a checkpoint step folder (`WORKDIR/checkpoints/1200`), a checkpoints folder or a
         workdir (its latest checkpoint).
       mesh: where to place the parameters (default: `inference_mesh` over all devices).
-      overrides: model settings that do not change the parameters, e.g. {"dtype": "float32",
-        "attention": "xla", "scan_layers": ...} is NOT allowed (it changes the layout); allowed
-        keys: dtype, attention, remat.
+      overrides: model settings that do not change the parameters: dtype, attention, remat
+        (e.g. {"dtype": "float32"}); anything else, such as scan_layers (it changes the
+        parameter layout), is refused.
 
     Raises:
       ConfigError: no checkpoint there, or it does not match its own config.
     """
-    directory, step, cfg = read_config(path)
+    directory, step, cfg, saved = _open_checkpoint(path)
     allowed = {"dtype", "attention", "remat"}
     if overrides:
         bad = sorted(set(overrides) - allowed)
@@ -115,16 +122,11 @@ def load_model(
 
     targets = jax.tree.map(with_sharding, shardings, abstract_params)
     wanted = {f"params.{k}": v for k, v in flatten(targets).items()}
-    ckpt = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
-    try:
-        saved = ckpt.manager.item_metadata(step)["state"]
-        for key, want in wanted.items():
-            if key not in saved or tuple(saved[key].shape) != tuple(want.shape):
-                raise ConfigError(
-                    f"checkpoint {directory / str(step)} does not match its config at '{key}'"
-                )
-    finally:
-        ckpt.manager.close()
+    for key, want in wanted.items():
+        if key not in saved or tuple(saved[key].shape) != tuple(want.shape):
+            raise ConfigError(
+                f"checkpoint {directory / str(step)} does not match its config at '{key}'"
+            )
     # Partial restore: only the parameters (the optimizer moments stay on disk).
     with ocp.PyTreeCheckpointer() as reader:
         restored = reader.restore(

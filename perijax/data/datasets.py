@@ -103,6 +103,10 @@ class Datasets:
             members=[_Member(data.name, 1.0, train, val, key)],
         )
 
+    def streams(self, split: str) -> list[tuple[str, TokenStream]]:
+        """[(member name, TokenStream)] of the "train" or "val" split, in mixture order."""
+        return [(m.name, m.val if split == "val" else m.train) for m in self._members]
+
     # --- training -------------------------------------------------------------------------
 
     def train_iterator(
