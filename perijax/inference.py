@@ -182,10 +182,18 @@ def write_checkpoint(cfg: Config, params: nnx.State, workdir: str | Path, step: 
 
         perijax train --config WORKDIR/config.json --restore WORKDIR/checkpoints/STEP
 
-    continues from them. Returns the checkpoint step folder."""
+    continues from them. Returns the checkpoint step folder.
+
+    Raises:
+      ConfigError: `workdir` already holds checkpoints.
+    """
     from perijax.train import create_state
 
     workdir = Path(workdir)
+    folder = workdir / "checkpoints"
+    if folder.is_dir() and any(c.name.isdigit() for c in folder.iterdir()):
+        # Orbax would keep an existing step silently: refuse rather than mix two models.
+        raise ConfigError(f"{folder} already holds checkpoints: write into an empty workdir")
     state = create_state(cfg)
     params = jax.tree.map(lambda p, x: jnp.asarray(x, p.dtype), state.params, params)
     state = state.replace(
@@ -194,7 +202,7 @@ def write_checkpoint(cfg: Config, params: nnx.State, workdir: str | Path, step: 
     resolved = to_dict(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    ckpt = Checkpointer(workdir / "checkpoints", CheckpointConfig(async_save=False, keep=0))
+    ckpt = Checkpointer(folder, CheckpointConfig(async_save=False, keep=0))
     try:
         ckpt.save(step, state, None, {"config": resolved})
     finally:
