@@ -15,7 +15,7 @@ def get_config():
     config.model.d_ff = 1024
     config.model.tie_embeddings = True
     # bfloat16 compute with float32 parameters and accumulation on every backend: on this
-    # 2-core CPU it runs the step about 1.9x faster than float32 (docs/performance.md).
+    # 2-core CPU it runs the step about 1.6x faster than float32 (docs/performance.md).
     config.model.dtype = "bfloat16"
 
     config.data.seq_len = 256

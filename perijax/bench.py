@@ -319,6 +319,7 @@ def bench(
     import jaxlib
     import numpy as np
 
+    from perijax import hostmem
     from perijax import sharding as sharding_lib
     from perijax import train as train_lib
     from perijax.flops import flops_per_token
@@ -376,6 +377,7 @@ def bench(
             "processes": jax.process_count(),
             "host_cpu": _cpu_model(),
             "host_cpu_count": os.cpu_count(),
+            "host_malloc_tuned": hostmem.is_tuned(),
         },
         "mesh": dict(mesh.shape),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -538,6 +540,14 @@ def _add_overheads(placements: dict[str, dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------- output
+def _malloc_note(dev: dict[str, Any]) -> str:
+    if dev["platform"] != "cpu" or "host_malloc_tuned" not in dev:
+        return ""
+    if dev["host_malloc_tuned"]:
+        return "; host malloc tuned (perijax/hostmem.py)"
+    return "; host malloc NOT tuned: each step faults its temporaries in (docs/performance.md)"
+
+
 def format_report(r: dict[str, Any]) -> str:
     dev, peak, cfg = r["device"], r["peak"], r["config"]
     m = cfg["model"]
@@ -553,7 +563,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"device: {dev['count']} x {dev['device_kind']} ({dev['platform']}), mesh "
         + " x ".join(f"{k}={v}" for k, v in r["mesh"].items())
-        + f"; jax {r['versions']['jax']}; {peak_text}",
+        + f"; jax {r['versions']['jax']}; {peak_text}"
+        + _malloc_note(dev),
         f"model: {m['num_layers']} layers, d_model {m['d_model']}, "
         f"{first.get('parameters', 0):,} parameters, {m['dtype']} compute; batch "
         + " x ".join(map(str, r["batch_shape"]))
@@ -693,4 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from perijax.hostmem import tune_malloc
+
+    tune_malloc()  # as the `perijax` command does (perijax/hostmem.py)
     sys.exit(main())

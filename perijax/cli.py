@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the real command line (not a library call)
         argv = sys.argv[1:]
+        from perijax.hostmem import tune_malloc
+
+        tune_malloc()  # before any thread allocates (perijax/hostmem.py)
         if argv[:1] in ([], ["train"]):
             from perijax.signals import install_signal_thread
 

@@ -29,7 +29,7 @@ __all__ = ["ModelConfig", "Transformer", "Block", "Attention", "Mlp", "count_par
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     """Resolves `dtype="auto"`: bfloat16 on accelerators, float32 on CPU, where runs serve as
-    exact references (bfloat16 is about 1.9x faster there too and is set explicitly, as in
+    exact references (bfloat16 is about 1.6x faster there too and is set explicitly, as in
     configs/small.py; docs/performance.md)."""
     if cfg.dtype == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
@@ -98,14 +98,31 @@ def _norm(cfg: ModelConfig, dim: int | None = None, norm_type: str | None = None
     )
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotating dims (i, i + Dh/2) as Llama does. x: [B, T, N, Dh]; positions:
-    [T] or [B, T]. Computed in float32."""
-    half = x.shape[-1] // 2
+class Rotary(NamedTuple):
+    """Rotary-embedding tables for the positions of one forward pass, float32, shaped [T, Dh/2]
+    (positions shared by the batch) or [B, T, Dh/2]. Made once per forward pass by
+    `rotary_tables` and shared by every layer: the sines and cosines are not recomputed per
+    layer, nor per batch row and head inside a fused elementwise loop."""
+
+    sin: jax.Array
+    cos: jax.Array
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> Rotary:
+    """`Rotary` for positions [T] or [B, T]: frequencies theta^(-i / (Dh/2)), i < Dh/2."""
+    half = head_dim // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions.astype(jnp.float32)[..., None] * freq  # [..., T, Dh/2]
-    angle = jnp.broadcast_to(angle, x.shape[:2] + (half,))[:, :, None, :]
-    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    angle = positions.astype(jnp.float32)[..., None] * freq
+    # The barrier materializes the small tables: otherwise XLA fuses sin/cos into every use and
+    # evaluates them once per batch row, head and layer.
+    return Rotary(*jax.lax.optimization_barrier((jnp.sin(angle), jnp.cos(angle))))
+
+
+def rope(x: jax.Array, rotary: Rotary) -> jax.Array:
+    """Rotary embedding, rotating dims (i, i + Dh/2) as Llama does. x: [B, T, N, Dh]. Computed
+    in float32."""
+    half = x.shape[-1] // 2
+    sin, cos = (jnp.broadcast_to(t, x.shape[:2] + (half,))[:, :, None, :] for t in rotary)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -180,7 +197,7 @@ class Attention(nnx.Module):
         self.q_norm = _norm(cfg, q_dim, "rmsnorm") if q_dim else None
         self.k_norm = _norm(cfg, k_dim, "rmsnorm") if k_dim else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: LayerCache | None = None):
+    def __call__(self, x: jax.Array, rotary: Rotary, cache: LayerCache | None = None):
         """x: [B, T, D] -> [B, T, D]; with a `cache`, also the cache with this step's keys and
         values written at `cache.index`."""
         cfg = self.cfg
@@ -194,7 +211,7 @@ class Attention(nnx.Module):
         elif cfg.qk_norm == "full":
             q = self.q_norm(q.reshape(b, t, h * dh)).reshape(b, t, h, dh)
             kk = self.k_norm(kk.reshape(b, t, k * dh)).reshape(b, t, k, dh)
-        q, kk = rope(q, positions, cfg.rope_theta), rope(kk, positions, cfg.rope_theta)
+        q, kk = rope(q, rotary), rope(kk, rotary)
 
         q = constrain(q, ("batch", "seq", "heads", "kv"))
         if cache is not None:
@@ -254,25 +271,26 @@ class Block(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        positions: jax.Array,
+        rotary: Rotary,
         *,
         collect_stats: bool = False,
         cache: LayerCache | None = None,
     ):
-        """x: [B, T, D] residual stream -> [B, T, D]; with `collect_stats`, also a dict
+        """x: [B, T, D] residual stream -> [B, T, D] (`rotary`: the tables of x's positions,
+        `rotary_tables`); with `collect_stats`, also a dict
         {"attn": stats, "mlp": stats} of scalar telemetry (`stream_stats`); with a KV `cache`,
         (x, updated cache)."""
         if cache is not None:
             holder = {}
 
             def attn(h):
-                out, holder["cache"] = self.attn(h, positions, cache)
+                out, holder["cache"] = self.attn(h, rotary, cache)
                 return out
 
             x = residual(self.placement, x, attn, **self._norms("attn"))
             x = residual(self.placement, x, self.mlp, **self._norms("mlp"))
             return x, holder["cache"]
-        sublayers = {"attn": lambda h: self.attn(h, positions), "mlp": self.mlp}
+        sublayers = {"attn": lambda h: self.attn(h, rotary), "mlp": self.mlp}
         stats = {}
         for name, f in sublayers.items():
             norms = self._norms(name)
@@ -352,12 +370,12 @@ REMAT_POLICIES = {
 }
 
 
-def _block_fn(graphdef: nnx.GraphDef, positions: jax.Array, remat: str, collect: bool = False):
+def _block_fn(graphdef: nnx.GraphDef, rotary: Rotary, remat: str, collect: bool = False):
     """(x, block_state) -> (x, stats or None): one block, optionally rematerialized, shaped
     for scan (stats become [L]-stacked scan outputs)."""
 
     def body(x, state):
-        out = nnx.merge(graphdef, state)(x, positions, collect_stats=collect)
+        out = nnx.merge(graphdef, state)(x, rotary, collect_stats=collect)
         x, stats = out if collect else (out, None)
         return constrain(x, ("batch", "seq", None)), stats
 
@@ -432,17 +450,18 @@ class Transformer(nnx.Module):
         x = constrain(x, ("batch", "seq", None))
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        rotary = rotary_tables(positions, cfg.dim_per_head, cfg.rope_theta)
         if cache is not None:
-            return self._decode(x, positions, cache, valid)
+            return self._decode(x, rotary, cache, valid)
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
-            body = _block_fn(graphdef, positions, cfg.remat, collect_stats)
+            body = _block_fn(graphdef, rotary, cfg.remat, collect_stats)
             x, stats = jax.lax.scan(body, x, state)
         else:
             per_layer = []
             for block in self.blocks:
                 graphdef, state = nnx.split(block)
-                x, layer_stats = _block_fn(graphdef, positions, cfg.remat, collect_stats)(x, state)
+                x, layer_stats = _block_fn(graphdef, rotary, cfg.remat, collect_stats)(x, state)
                 per_layer.append(layer_stats)
             stats = jax.tree.map(lambda *v: jnp.stack(v), *per_layer) if collect_stats else None
         logits = self._logits(x)
@@ -458,7 +477,7 @@ class Transformer(nnx.Module):
             logits = einsum("btd,dv->btv", x, self.lm_head[...], jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"))
 
-    def _decode(self, x: jax.Array, positions: jax.Array, cache: KVCache, valid: jax.Array | None):
+    def _decode(self, x: jax.Array, rotary: Rotary, cache: KVCache, valid: jax.Array | None):
         b, t = x.shape[:2]
         if valid is None:
             valid = jnp.ones((b, t), bool)
@@ -468,7 +487,7 @@ class Transformer(nnx.Module):
         mask = slots_valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
 
         def layer(x, block, k, v):
-            return block(x, positions, cache=LayerCache(k, v, mask, cache.index))
+            return block(x, rotary, cache=LayerCache(k, v, mask, cache.index))
 
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)

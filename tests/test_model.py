@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from perijax.config import ModelConfig
-from perijax.model import Block, Transformer, count_params
+from perijax.model import Block, Transformer, count_params, rotary_tables
 
 PLACEMENTS = ["pre", "post", "peri", "output"]
 
@@ -136,6 +136,10 @@ def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def _rotary(cfg, t):
+    return rotary_tables(jnp.arange(t), cfg.dim_per_head, cfg.rope_theta)
+
+
 # --------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
 @pytest.mark.parametrize("placement", PLACEMENTS)
@@ -144,7 +148,7 @@ def test_block_matches_numpy_equation(placement, norm_type):
     block = Block(cfg, rngs=nnx.Rngs(3))
     randomize_norms(block, 4)
     x = np.random.default_rng(0).standard_normal((2, 7, cfg.d_model)).astype(np.float32) * 2.0
-    got = np.asarray(block(jnp.asarray(x), jnp.arange(7)))
+    got = np.asarray(block(jnp.asarray(x), _rotary(cfg, 7)))
     w = block_weights(weights(block))
     want = np.stack([np_block(x[b].astype(np.float64), w, cfg) for b in range(2)])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -156,7 +160,7 @@ def test_qk_norm_matches_numpy(qk_norm):
     block = Block(cfg, rngs=nnx.Rngs(5))
     randomize_norms(block, 6)
     x = np.random.default_rng(1).standard_normal((1, 9, cfg.d_model)).astype(np.float32)
-    got = np.asarray(block(jnp.asarray(x), jnp.arange(9)))
+    got = np.asarray(block(jnp.asarray(x), _rotary(cfg, 9)))
     want = np_block(x[0].astype(np.float64), block_weights(weights(block)), cfg)
     np.testing.assert_allclose(got[0], want, atol=1e-5, rtol=0)
     expected = {"per_head": (cfg.dim_per_head,), "full": (cfg.num_heads * cfg.dim_per_head,)}
@@ -229,7 +233,8 @@ def test_frozen_norm_scale_has_no_parameters():
     block = Block(cfg, rngs=nnx.Rngs(1))
     x = np.random.default_rng(3).standard_normal((1, 5, cfg.d_model)).astype(np.float32)
     want = np_block(x[0].astype(np.float64), block_weights(weights(block)), cfg)
-    np.testing.assert_allclose(np.asarray(block(jnp.asarray(x), jnp.arange(5)))[0], want, atol=1e-5)
+    got = np.asarray(block(jnp.asarray(x), _rotary(cfg, 5)))[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_causal_future_tokens_do_not_change_past_logits():
