@@ -16,15 +16,20 @@ extra norms per block) pays far more than its arithmetic (docs/performance.md).
 - `M_TRIM_THRESHOLD = -1`: freed memory at the top of the heap is never returned to the kernel,
   so the next step reuses the same, already mapped pages.
 
-The process then keeps its peak host memory until it exits; that peak can be about twice the
-temporaries, since XLA sometimes frees one step's block just after the next step has allocated
-its own (glibc's default reaches the same peak for a moment, then unmaps it).
+The process then keeps its peak host memory; that peak can be twice the temporaries or more,
+since XLA sometimes frees one step's block just after the next step has allocated its own
+(glibc's default reaches the same peak for a moment, then unmaps it), and the heap grows by a
+block each time that happens until its free blocks cover the overlap.
 
-A daemon thread (`_Releaser`) bounds that: every half second it compares the resident set with
-the most memory the heap has recently had in use; when the resident set exceeds it by more than
-half (and by 1 GiB), it calls `malloc_trim(0)`, which hands the free pages back. The step after
-a release faults its temporaries in once, as without the tuning. Without `mallinfo2` (glibc
-< 2.33) nothing is tuned.
+A daemon thread (`_Releaser`) bounds that: every half second it compares the process's anonymous
+resident memory with the most memory the heap has had in use over the last 30 s; when the first
+exceeds the second by more than 1.5 times the second (and by 1 GiB), it calls `malloc_trim(0)`,
+which hands the free pages back, and then waits at least 30 s before it may release again. The
+two blocks of the late-free case stay (they recur), a heap left over from a bigger phase goes.
+Half-second samples can miss the peak of a very short step; a release that the workload then
+undoes costs it one fault-in of its temporaries, at most once per 30 s. The thread blocks the
+asynchronous signals, so that SIGTERM/SIGINT reach the thread that waits for them
+(perijax/signals.py). Without `mallinfo2` (glibc < 2.33) nothing is tuned.
 
 The settings must be made before any other thread allocates (threads that already own an arena
 keep it), so the `perijax` command applies them first thing; library users call `tune_malloc()` at
@@ -38,6 +43,7 @@ import collections
 import ctypes
 import importlib.metadata
 import os
+import signal
 import sys
 import threading
 import time
@@ -54,9 +60,19 @@ _ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "libtpu", "jax-rocm", "jax_rocm"
 
 _applied: bool | None = None
 
+# Signals the releaser thread never takes (everything but the synchronous, fault-type ones).
+_ASYNC_SIGNALS = signal.valid_signals() - {
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGABRT,
+    signal.SIGTRAP,
+}
+
 RELEASE_EVERY_S = 0.5
 RELEASE_WINDOW_S = 30.0  # how long a peak of heap use counts as "recent"
-RELEASE_SLACK = 0.5  # release when resident > (1 + slack) x recent peak in use ...
+RELEASE_SLACK = 1.5  # release when resident > (1 + slack) x recent peak in use ...
 RELEASE_MIN_BYTES = 1 << 30  # ... and by at least this much
 
 
@@ -77,8 +93,11 @@ def should_release(resident: int, recent_peak_in_use: int) -> bool:
 
 
 def _resident_bytes() -> int:
+    """Anonymous resident memory (the heap, stacks, Python's arenas): the resident set less its
+    file-backed and shared pages, which the heap never holds (the libraries alone are ~0.5 GiB)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        _, resident, shared = (int(v) for v in f.read().split()[:3])
+    return (resident - shared) * os.sysconf("SC_PAGE_SIZE")
 
 
 class _Releaser(threading.Thread):
@@ -89,6 +108,16 @@ class _Releaser(threading.Thread):
         self.libc = libc
         self.samples: collections.deque[tuple[float, int]] = collections.deque()
         self.releases = 0
+        self.last_release = -float("inf")
+
+    def start(self) -> None:
+        # A thread inherits its creator's signal mask: block the asynchronous signals while
+        # creating it, so that none is ever delivered here.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def run(self) -> None:
         while True:
@@ -99,9 +128,11 @@ class _Releaser(threading.Thread):
             while self.samples[0][0] < now - RELEASE_WINDOW_S:
                 self.samples.popleft()
             peak = max(used for _, used in self.samples)
-            if should_release(_resident_bytes(), peak):
+            cooled = now - self.last_release >= RELEASE_WINDOW_S
+            if cooled and should_release(_resident_bytes(), peak):
                 self.libc.malloc_trim(0)
                 self.releases += 1
+                self.last_release = now
 
 
 def _glibc() -> ctypes.CDLL | None:
