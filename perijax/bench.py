@@ -319,7 +319,7 @@ def bench(
     import jaxlib
     import numpy as np
 
-    from perijax import hostmem
+    from perijax import hostmem, xla_options
     from perijax import sharding as sharding_lib
     from perijax import train as train_lib
     from perijax.flops import flops_per_token
@@ -378,6 +378,7 @@ def bench(
             "host_cpu": _cpu_model(),
             "host_cpu_count": os.cpu_count(),
             "host_malloc_tuned": hostmem.is_tuned(),
+            "step_compiler_options": xla_options.step_compiler_options() or {},
         },
         "mesh": dict(mesh.shape),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -543,9 +544,14 @@ def _add_overheads(placements: dict[str, dict[str, Any]]) -> None:
 def _malloc_note(dev: dict[str, Any]) -> str:
     if dev["platform"] != "cpu" or "host_malloc_tuned" not in dev:
         return ""
+    fusions = dev.get("step_compiler_options", {}).get("xla_cpu_experimental_ynn_fusion_type")
+    fusion_note = "; library fusions: matmuls only (perijax/xla_options.py)" if fusions else ""
     if dev["host_malloc_tuned"]:
-        return "; host malloc tuned (perijax/hostmem.py)"
-    return "; host malloc NOT tuned: each step faults its temporaries in (docs/performance.md)"
+        return "; host malloc tuned (perijax/hostmem.py)" + fusion_note
+    return (
+        "; host malloc NOT tuned: each step faults its temporaries in (docs/performance.md)"
+        + fusion_note
+    )
 
 
 def format_report(r: dict[str, Any]) -> str:

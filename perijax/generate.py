@@ -102,7 +102,11 @@ def _generate(
 def _jitted_generate():
     import jax
 
-    return jax.jit(_generate, static_argnums=(0, 5, 6, 7, 8))
+    from perijax.xla_options import step_compiler_options
+
+    return jax.jit(
+        _generate, static_argnums=(0, 5, 6, 7, 8), compiler_options=step_compiler_options()
+    )
 
 
 def _round_up(n: int, multiple: int) -> int:

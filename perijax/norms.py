@@ -5,8 +5,7 @@ around a sublayer F (attention or MLP). They are written side by side in `residu
 equations in docs/ln_variants.md map one-to-one onto code lines.
 
 Norm statistics are always computed in float32, whatever the compute dtype: a bfloat16 mean of
-squares loses the precision the placements are being compared on. The backward pass recomputes
-a norm from its input rather than keeping its float32 intermediates (`_normalize`).
+squares loses the precision the placements are being compared on.
 """
 
 from __future__ import annotations
@@ -63,33 +62,15 @@ class Norm(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = None if self.scale is None else self.scale[...]
-        bias = None if self.bias is None else self.bias[...]
-        return _normalize(x, scale, bias, self.norm_type == "layernorm", self.eps)
-
-
-def _normalize_fn(
-    x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, center: bool, eps: float
-) -> jax.Array:
-    h = x.astype(jnp.float32)
-    if center:
-        h = h - jnp.mean(h, axis=-1, keepdims=True)
-    h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + eps)
-    if scale is not None:
-        h = h * scale.astype(jnp.float32)
-    if bias is not None:
-        h = h + bias.astype(jnp.float32)
-    return h.astype(x.dtype)
-
-
-# Rematerialized: autodiff would keep three float32 copies of the activation per norm (the cast
-# input, its square, the normalized value) for the backward pass; recomputing them from the
-# input costs a few elementwise passes and keeps only the input. For configs/small.py that is
-# 0.6 GiB less per step for Pre-LN and 1.1 GiB less for Peri-LN, whose extra norms would
-# otherwise add a quarter to the step's activation memory (docs/performance.md).
-_normalize = jax.checkpoint(
-    _normalize_fn, static_argnums=(3, 4), policy=jax.checkpoint_policies.nothing_saveable
-)
+        h = x.astype(jnp.float32)
+        if self.norm_type == "layernorm":
+            h = h - jnp.mean(h, axis=-1, keepdims=True)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+        if self.scale is not None:
+            h = h * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            h = h + self.bias[...].astype(jnp.float32)
+        return h.astype(x.dtype)
 
 
 def residual(

@@ -40,6 +40,7 @@ from perijax.model import Transformer, check_backend, compute_dtype
 from perijax.norms import NORM_ROLES
 from perijax.optim import lr_schedule, make_optimizer
 from perijax.signals import StopSignal
+from perijax.xla_options import step_compiler_options
 
 
 class TrainingDiverged(RuntimeError):
@@ -159,6 +160,7 @@ def compile_train_step(
         in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 3)),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
+        compiler_options=step_compiler_options(),
     )
 
 
@@ -493,7 +495,11 @@ def train(
         if cfg.telemetry.enabled
         else step_fn
     )
-    eval_fn = jax.jit(eval_step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 2)))
+    eval_fn = jax.jit(
+        eval_step,
+        in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 2)),
+        compiler_options=step_compiler_options(),
+    )
     batch_sharding = sharding_lib.batch_sharding(mesh, 3)
     global_shape = (micro_batch, accum, seq_len + 1)
     eval_sharding = sharding_lib.batch_sharding(mesh, 2)
