@@ -25,14 +25,17 @@ SCRIPT = textwrap.dedent(
     temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
     jax.block_until_ready(f(x))
     jax.block_until_ready(f(x))
+    libc = hostmem._glibc()
+    heap_before = libc.mallinfo2().arena
     faults = []
     for _ in range(CALLS):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         jax.block_until_ready(f(x))
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"applied": applied, "faults": faults, "temp": temp}))
+    growth = libc.mallinfo2().arena - heap_before
+    print(json.dumps({"applied": applied, "faults": faults, "temp": temp, "growth": growth}))
     """
-).replace("CALLS", "16")
+).replace("CALLS", "24")
 TEMP_PAGES = 8192 * 8192 * 4 // 4096
 
 
@@ -59,12 +62,15 @@ def test_tuned_malloc_reuses_the_temporaries_pages():
     assert default["temp"] >= TEMP_PAGES * 4096
     # Untuned, every call faults the 65,536 pages of its temporary in again ...
     assert min(default["faults"]) > 0.5 * TEMP_PAGES, default
-    # ... tuned, once the heap has grown to its working size the calls find them mapped. (Early
-    # calls can still fault: XLA can free a temporary just after the call's outputs are ready,
-    # after the next call has allocated its own, and the heap grows by one more block each time
-    # that happens until its free blocks cover the overlap.)
-    assert all(f < 0.05 * TEMP_PAGES for f in tuned["faults"][-5:]), tuned
-    assert sum(tuned["faults"]) < 0.5 * sum(default["faults"]), (tuned, default)
+    # ... tuned, a call faults only when the heap grows, and most calls find the pages mapped.
+    # (Some calls still grow it: XLA can free a temporary just after the call's outputs are
+    # ready, after the next call has allocated its own, and the heap grows by one more block
+    # each time that happens until its free blocks cover the overlap; how often depends on the
+    # threads' timing, so on the machine's load.)
+    calls = len(tuned["faults"])
+    # (Untuned, the heap does not grow at all while each call faults its whole temporary in.)
+    assert sum(tuned["faults"]) * 4096 <= 1.1 * tuned["growth"] + calls * 64 * 4096, tuned
+    assert sum(f > 0.05 * TEMP_PAGES for f in tuned["faults"]) <= calls // 2, tuned
 
 
 def test_runs_on_cpu_follows_jax_platforms(monkeypatch):
