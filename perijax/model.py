@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from perijax.config import ConfigError, ModelConfig
@@ -101,21 +102,29 @@ def _norm(cfg: ModelConfig, dim: int | None = None, norm_type: str | None = None
 class Rotary(NamedTuple):
     """Rotary-embedding tables for the positions of one forward pass, float32, shaped [T, Dh/2]
     (positions shared by the batch) or [B, T, Dh/2]. Made once per forward pass by
-    `rotary_tables` and shared by every layer: the sines and cosines are not recomputed per
-    layer, nor per batch row and head inside a fused elementwise loop."""
+    `rotary_tables` and shared by every layer."""
 
     sin: jax.Array
     cos: jax.Array
 
 
-def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> Rotary:
-    """`Rotary` for positions [T] or [B, T]: frequencies theta^(-i / (Dh/2)), i < Dh/2."""
+def rotary_tables(positions: jax.Array | np.ndarray, head_dim: int, theta: float) -> Rotary:
+    """`Rotary` for positions [T] or [B, T]: frequencies theta^(-i / (Dh/2)), i < Dh/2.
+
+    NumPy positions (training and scoring: 0..T-1) give constant tables, computed here in
+    float64 and rounded once. Computed inside the jitted step instead, XLA:CPU fuses the sin and
+    cos into every rotary multiply that reads them, forward and backward, and evaluates them
+    once per batch row, head and layer (an optimization barrier does not stop it: the CPU
+    pipeline removes barriers before fusion); on configs/small.py that was 14% of the step.
+    Traced positions (decoding) compute the tables in float32 on the device."""
     half = head_dim // 2
+    if isinstance(positions, np.ndarray):
+        freq = float(theta) ** (-np.arange(half, dtype=np.float64) / half)
+        angle = positions.astype(np.float64)[..., None] * freq
+        return Rotary(*(jnp.asarray(t, jnp.float32) for t in (np.sin(angle), np.cos(angle))))
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle = positions.astype(jnp.float32)[..., None] * freq
-    # The barrier materializes the small tables: otherwise XLA fuses sin/cos into every use and
-    # evaluates them once per batch row, head and layer.
-    return Rotary(*jax.lax.optimization_barrier((jnp.sin(angle), jnp.cos(angle))))
+    return Rotary(jnp.sin(angle), jnp.cos(angle))
 
 
 def rope(x: jax.Array, rotary: Rotary) -> jax.Array:
@@ -445,7 +454,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         if positions is None:
-            positions = jnp.arange(tokens.shape[-1])
+            positions = np.arange(tokens.shape[-1])  # static: constant rotary tables
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         x = constrain(x, ("batch", "seq", None))
         if self.embed_norm is not None:
