@@ -1,7 +1,7 @@
 """`perijax bench`: time the real train step per LayerNorm placement and report step time,
 tokens/s, model TFLOP/s, MFU, XLA's FLOP count and peak memory.
 
-    perijax bench --config configs/small.py --placements pre,peri --repeats 3 --steps 5 --warmup 2
+    perijax bench --config configs/small.py --placements pre,peri --repeats 4 --steps 5 --warmup 2
     perijax bench --config configs/paper.py:size=400m --placements all --steps 10 --warmup 3 \\
         --config.model.dtype=bfloat16 --config.train.global_batch_size=2 --json bench.json
 
@@ -13,8 +13,9 @@ on the devices before timing, so no input pipeline is timed; each step is timed 
 `block_until_ready`. Model FLOPs come from perijax/flops.py. MFU divides the achieved model
 FLOP/s by a peak: per chip from a dense-bfloat16 table on GPUs and TPUs; on CPU, the best
 dense-matmul throughput this machine reaches in the same run (its fake devices share the cores,
-so the CPU peak is per process). With `--repeats R` the placements are interleaved R times
-(pre, peri, ..., pre, peri, ...) so that machine noise hits all of them alike.
+so the CPU peak is per process). With `--repeats R` the placements are interleaved R times,
+in reverse order on every second round (pre, peri, peri, pre, pre, peri, ...), so that machine
+noise and the position within a round hit all of them alike.
 docs/performance.md explains every number and the JSON file.
 """
 
@@ -40,8 +41,7 @@ from perijax import __version__
 from perijax.config import Config, ConfigError, to_dict
 from perijax.plan import ACCELERATORS, GIB
 
-# `--placements all` (every perijax.config.PLACEMENTS entry), in the order placements are
-# interleaved.
+# `--placements all` (every perijax.config.PLACEMENTS entry), in the order of the first round.
 ALL_PLACEMENTS = ("pre", "peri", "post", "output")
 
 # jax `device_kind` -> the perijax.plan.ACCELERATORS entry whose dense bfloat16 peak per chip is
@@ -91,7 +91,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=1,
-        help="interleaved rounds over the placements; medians are taken over them (default: 1)",
+        help="rounds over the placements, every second one in reverse order; medians are taken "
+        "over them (default: 1)",
     )
     p.add_argument("--json", dest="json_path", metavar="OUT", help="also write every number here")
     p.add_argument(
@@ -394,6 +395,7 @@ def bench(
         "batch_shape": list(global_shape),
         "tokens_per_step": tokens_per_step,
         "model_flops_per_token": flops_per_token(cfg.model, seq_len),  # placement-independent
+        "order": [],  # the placements of each round, in the order they ran
     }
 
     def report(complete: bool) -> dict[str, Any]:
@@ -405,7 +407,11 @@ def bench(
     results: dict[str, dict[str, Any]] = {p: {"per_repeat": []} for p in placements}
     compiled: dict[str, Any] = {}
     for r in range(repeats):
-        for p in placements:
+        # Every second round runs backwards (ABBA): a placement's position within a round (after
+        # a fresh state, or after the other placement's heap) then cancels in the paired ratios.
+        order = list(placements) if r % 2 == 0 else list(reversed(placements))
+        header["order"].append(order)
+        for p in order:
             res = results[p]
             if "error" in res:
                 continue
@@ -577,7 +583,7 @@ def format_report(r: dict[str, Any]) -> str:
         + f" ({r['tokens_per_step']:,} tokens/step); "
         f"{r['model_flops_per_token']:.3e} model FLOPs/token (perijax/flops.py)",
         f"steps: {r['settings']['warmup']} warmup + {r['settings']['steps']} timed, "
-        f"{r['settings']['repeats']} repeat(s), interleaved",
+        f"{r['settings']['repeats']} repeat(s), interleaved (every second round reversed)",
         "",
     ]
     header = (

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def test_bench_report_is_consistent(tmp_path, capsys):
             "--repeats", "2", "--peak-sizes", "128", "--json", str(out)]  # fmt: skip
     argv += tiny_overrides()
     assert bench.main(argv) == 0
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
     r = json.loads(out.read_text())
     assert [f.name for f in tmp_path.iterdir()] == ["bench.json"]  # rewritten in place
 
@@ -45,6 +47,10 @@ def test_bench_report_is_consistent(tmp_path, capsys):
     assert r["settings"] == {"placements": ["pre", "peri"], "steps": 2, "warmup": 1, "repeats": 2}
     assert r["tokens_per_step"] == 8 * 16 and r["batch_shape"] == [8, 1, 17]
     assert list(r["placements"]) == ["pre", "peri"]
+    # Rounds alternate direction (pre, peri | peri, pre), and the progress lines show that order.
+    assert r["order"] == [["pre", "peri"], ["peri", "pre"]]
+    ran = re.findall(r"^bench: \[(\w+)\] repeat (\d)/2", captured.err, re.M)
+    assert ran == [("pre", "1"), ("peri", "1"), ("peri", "2"), ("pre", "2")]
 
     # CPU peak: measured in this run, the best median of the precisions tried.
     peak = r["peak"]
