@@ -420,3 +420,23 @@ def test_rotary_tables_are_constants_of_the_compiled_forward():
     assert " sine(" in jax.jit(lambda p: rotary_tables(p, dh, theta)).lower(tokens[0]).as_text(
         "hlo"
     )
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 8), (2, 3, 4, 8)])
+def test_norm_scale_gradient_is_autodiff_as_a_product(shape):
+    """`scale_rows` differentiates exactly like `h * scale`, with the scale gradient's sum over
+    rows computed as a product with a ones vector (one dot, no reduction over the rows)."""
+    from perijax.norms import scale_rows
+
+    rng = np.random.default_rng(0)
+    h, g = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+    scale = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+    got_y, got_vjp = jax.vjp(scale_rows, h, scale)
+    want_y, want_vjp = jax.vjp(lambda a, b: a * b, h, scale)
+    np.testing.assert_array_equal(got_y, want_y)
+    for got, want in zip(got_vjp(g), want_vjp(g), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    dscale = jax.jit(lambda h, s, g: jax.vjp(scale_rows, h, s)[1](g)[1])
+    hlo = dscale.lower(h, scale, g).compile().as_text()
+    assert " dot(" in hlo and " reduce(" not in hlo and "reduce-window(" not in hlo
