@@ -80,8 +80,8 @@ def scale_rows(h: jax.Array, scale: jax.Array) -> jax.Array:
     Differentiated as autodiff would, except that the scale gradient's sum over every row,
     sum_rows(g * h), is a vector-matrix product ones @ (g * h) instead of a reduction over the
     leading axes. XLA:CPU splits such a reduction into a strided reduce-window and a reduce, about
-    5 ms per norm of configs/small.py; the product goes to the matmul library in about 1 ms
-    (docs/performance.md). The result is the same sum, accumulated in float32."""
+    5 ms per norm of configs/small.py; the dot takes about 1 ms (docs/performance.md). The result
+    is the same sum, accumulated in float32."""
     return h * scale
 
 
@@ -94,8 +94,14 @@ def _scale_rows_bwd(residuals, g):
     rows = g * h
     lead = tuple(range(h.ndim - 1))  # contracted in place: no reshape of sharded axes
     ones = jnp.ones(h.shape[:-1], rows.dtype)
+    # HIGHEST: a float32 product everywhere (TPUs would round the operands to bfloat16, GPUs
+    # to TensorFloat-32, by default).
     dscale = jax.lax.dot_general(
-        ones, rows, ((lead, lead), ((), ())), preferred_element_type=jnp.float32
+        ones,
+        rows,
+        ((lead, lead), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
     )
     return g * scale, dscale.astype(scale.dtype)
 

@@ -440,3 +440,4 @@ def test_norm_scale_gradient_is_autodiff_as_a_product(shape):
     dscale = jax.jit(lambda h, s, g: jax.vjp(scale_rows, h, s)[1](g)[1])
     hlo = dscale.lower(h, scale, g).compile().as_text()
     assert " dot(" in hlo and " reduce(" not in hlo and "reduce-window(" not in hlo
+    assert "operand_precision={highest,highest}" in hlo  # float32 on every backend
