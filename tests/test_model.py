@@ -441,3 +441,35 @@ def test_norm_scale_gradient_is_autodiff_as_a_product(shape):
     hlo = dscale.lower(h, scale, g).compile().as_text()
     assert " dot(" in hlo and " reduce(" not in hlo and "reduce-window(" not in hlo
     assert "operand_precision={highest,highest}" in hlo  # float32 on every backend
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 64), (2, 3, 4, 64)])
+def test_rmsnorm_backward_equals_autodiff(shape, dtype):
+    """`rms_norm`'s written-out backward pass equals autodiff of the plain formula, and its two
+    sums are float32 dots (no reduction over the rows)."""
+    from perijax.norms import rms_norm
+
+    def plain(x, scale, eps=1e-6):
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + eps)
+        return (h * scale).astype(x.dtype)
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(shape) * 3, dtype)
+    g = jnp.asarray(rng.standard_normal(shape), dtype)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, shape[-1]), jnp.float32)
+    got_y, got_vjp = jax.vjp(lambda x, s: rms_norm(x, s, 1e-6), x, scale)
+    want_y, want_vjp = jax.vjp(plain, x, scale)
+    np.testing.assert_array_equal(np.asarray(got_y, np.float32), np.asarray(want_y, np.float32))
+    (got_dx, got_ds), (want_dx, want_ds) = got_vjp(g), want_vjp(g)
+    assert got_dx.dtype == x.dtype and got_ds.dtype == jnp.float32
+    # bfloat16: the two gradients round to bfloat16 differently, by at most a unit or two.
+    tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    np.testing.assert_allclose(np.asarray(got_dx, np.float32), np.asarray(want_dx, np.float32),
+                               rtol=tol, atol=tol)  # fmt: skip
+    np.testing.assert_allclose(got_ds, want_ds, rtol=1e-5, atol=1e-5)
+
+    bwd = jax.jit(lambda x, s, g: jax.vjp(lambda x, s: rms_norm(x, s, 1e-6), x, s)[1](g))
+    hlo = bwd.lower(x, scale, g).compile().as_text()
+    assert hlo.count("operand_precision={highest,highest}") == 2
