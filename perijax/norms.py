@@ -37,7 +37,8 @@ class Norm(nnx.Module):
     layernorm: y = (x - mean(x)) / sqrt(var(x) + eps) * scale + bias
 
     With `learnable=False` the module has no parameters (scale fixed to 1, no bias).
-    Input and output shapes: [..., dim]; the output has the input's dtype.
+    Input and output shapes: [..., dim]; the output has the input's dtype. RMSNorm runs through
+    `rms_norm` (its backward pass written out), LayerNorm through autodiff with `scale_rows`.
     """
 
     def __init__(
@@ -132,7 +133,7 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple) -> jax.Array:
 
 @jax.custom_vjp
 def scale_rows(h: jax.Array, scale: jax.Array) -> jax.Array:
-    """`h * scale` for h [..., d] and scale [d], float32.
+    """`h * scale` for h [..., d] and scale [d], float32 (LayerNorm's scale).
 
     Differentiated as autodiff would, except that the scale gradient's sum over every row,
     sum_rows(g * h), is a vector-matrix product ones @ (g * h) instead of a reduction over the
