@@ -70,12 +70,18 @@ class Norm(nnx.Module):
         h = x.astype(jnp.float32)
         if self.norm_type == "layernorm":
             h = h - jnp.mean(h, axis=-1, keepdims=True)
-        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+        h = h * inv_rms(h, self.eps)
         if self.scale is not None:
             h = scale_rows(h, self.scale[...].astype(jnp.float32))
         if self.bias is not None:
             h = h + self.bias[...].astype(jnp.float32)
         return h.astype(x.dtype)
+
+
+def inv_rms(h: jax.Array, eps: float) -> jax.Array:
+    """1 / sqrt(mean(h^2) + eps) over the last axis of a float32 h, kept as [..., 1]: the one
+    statistic of both norm types (LayerNorm applies it to the centred input)."""
+    return jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -99,7 +105,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 def _rms_norm_fwd(x, scale, eps):
     h = x.astype(jnp.float32)
-    r = jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + eps)
+    r = inv_rms(h, eps)
     return (h * r * scale).astype(x.dtype), (x, scale, r)
 
 
