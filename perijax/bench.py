@@ -111,7 +111,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--peak-sizes",
         default=",".join(map(str, PEAK_SIZES)),
         metavar="N,N",
-        help="square matmul sizes measured for the CPU peak (default: %(default)s)",
+        help="square matmul sizes measured for the CPU peak, besides the model's own matmul "
+        "shapes (default: %(default)s)",
     )
     return p
 
@@ -126,23 +127,34 @@ def accelerator_peak(device_kind: str) -> str | None:
 
 
 def measure_matmul_peak(
-    sizes: Sequence[int] = PEAK_SIZES, repeats: int = PEAK_REPEATS, device: Any = None
+    sizes: Sequence[int] = PEAK_SIZES,
+    shapes: Sequence[tuple[int, int, int]] = (),
+    repeats: int = PEAK_REPEATS,
+    device: Any = None,
+    log: Log | None = None,
 ) -> dict[str, Any]:
     """Best dense-matmul throughput of `device` (default: the first local one): the median of
-    `repeats` timed, jitted n x n x n products per size and precision; the best median wins."""
+    `repeats` timed, jitted [m, k] x [k, n] products per shape and precision, compiled with
+    XLA's default options (so no step option can lower it); the best median wins. The shapes
+    are the n x n x n squares of `sizes` and `shapes` (m, k, n): `bench` passes the model's own
+    weight matmuls, which on some CPUs run faster than any square."""
     import functools
 
     import jax
     import jax.numpy as jnp
 
     device = device or jax.local_devices()[0]
+    candidates = [((n, n, n), "square") for n in sizes]
+    candidates += [(tuple(s), "model") for s in dict.fromkeys(map(tuple, shapes))]
     runs = []
-    for n in sizes:
+    for i, ((m, k, n), source) in enumerate(candidates):
+        if log and i and i % 4 == 0:
+            log(f"matmul peak: shape {i + 1}/{len(candidates)}")
         for name, in_dtype, out_dtype in MATMUL_PRECISIONS:
-            keys = jax.random.split(jax.random.key(n), 2)
+            keys = jax.random.split(jax.random.key(m * k + n), 2)
             a, b = (
-                jax.device_put(jax.random.normal(k, (n, n), jnp.float32).astype(in_dtype), device)
-                for k in keys
+                jax.device_put(jax.random.normal(key, dims, jnp.float32).astype(in_dtype), device)
+                for key, dims in zip(keys, ((m, k), (k, n)), strict=True)
             )
             matmul = jax.jit(
                 functools.partial(jnp.matmul, preferred_element_type=jnp.dtype(out_dtype))
@@ -156,10 +168,11 @@ def measure_matmul_peak(
             median = statistics.median(times)
             runs.append(
                 {
-                    "size": n,
+                    "shape": [m, k, n],
+                    "source": source,
                     "precision": name,
                     "median_s": median,
-                    "tflops": 2 * n**3 / median / 1e12,
+                    "tflops": 2 * m * k * n / median / 1e12,
                 }
             )
             del a, b
@@ -167,7 +180,7 @@ def measure_matmul_peak(
     return {
         "tflops": best["tflops"],
         "precision": best["precision"],
-        "size": best["size"],
+        "shape": best["shape"],
         "runs": runs,
     }
 
@@ -181,9 +194,11 @@ def resolve_peak(
     peak_tflops: float | None,
     sizes: Sequence[int],
     log: Log,
+    shapes: Sequence[tuple[int, int, int]] = (),
 ) -> dict[str, Any]:
     """The peak MFU is computed against: `tflops` per unit (a chip; on CPU a process, whose fake
-    devices share its cores) and `tflops_total` for the whole run."""
+    devices share its cores) and `tflops_total` for the whole run. On CPU it is measured on the
+    squares of `sizes` and on `shapes` (the model's weight matmuls, see measure_matmul_peak)."""
     import jax
 
     per_process = platform_name == "cpu"
@@ -200,12 +215,15 @@ def resolve_peak(
     if peak_tflops is not None:
         peak.update(source="--peak-tflops", tflops=peak_tflops)
     elif per_process:
-        log(f"measuring the CPU matmul peak (sizes {', '.join(map(str, sizes))})...")
-        measured = measure_matmul_peak(sizes)
+        log(
+            f"measuring the CPU matmul peak (squares {', '.join(map(str, sizes))} and "
+            f"{len(shapes)} shapes of the model's matmuls)..."
+        )
+        measured = measure_matmul_peak(sizes, shapes, log=log)
         peak.update(
             source="measured",
             tflops=measured["tflops"],
-            precision=f"{measured['precision']} matmul {measured['size']}",
+            precision=f"{measured['precision']} matmul {'x'.join(map(str, measured['shape']))}",
             matmul=measured["runs"],
         )
     else:
@@ -323,7 +341,7 @@ def bench(
     from perijax import hostmem, xla_options
     from perijax import sharding as sharding_lib
     from perijax import train as train_lib
-    from perijax.flops import flops_per_token
+    from perijax.flops import flops_per_token, weight_matmul_shapes
     from perijax.model import check_backend, compute_dtype
 
     # --- mesh and batch: checked before anything is measured.
@@ -358,6 +376,9 @@ def bench(
         peak_tflops=peak_tflops,
         sizes=peak_sizes,
         log=log,
+        # The weight matmuls at one microbatch's tokens per process (its fake CPU devices share
+        # the cores the peak is measured on).
+        shapes=list(weight_matmul_shapes(cfg.model, rows * seq_len)),
     )
     resolved = to_dict(cfg)
     resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name

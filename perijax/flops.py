@@ -26,6 +26,23 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * per_layer + d * cfg.vocab_size
 
 
+def weight_matmul_shapes(cfg: ModelConfig, rows: int) -> dict[tuple[int, int, int], int]:
+    """The matrix products a train step does with the weight matrices, for `rows` tokens: each
+    (m, k, n) shape, meaning [m, k] x [k, n], with how many times one step does it. A [k, n]
+    weight gives the forward product (rows, k, n), the input gradient (rows, n, k) and the
+    weight gradient (k, rows, n). `perijax bench` measures the CPU peak on these shapes too, so
+    MFU is never taken against a peak below what the model's own matmuls reach alone."""
+    d, h, kv, dh, f = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_ff
+    # Per layer: q, k, v, o, then the SwiGLU gate, up and down matrices; then the LM head.
+    block = [(d, h * dh), (d, kv * dh), (d, kv * dh), (h * dh, d), (d, f), (d, f), (f, d)]
+    weights = block * cfg.num_layers + [(d, cfg.vocab_size)]
+    shapes: dict[tuple[int, int, int], int] = {}
+    for k, n in weights:
+        for shape in ((rows, k, n), (rows, n, k), (k, rows, n)):
+            shapes[shape] = shapes.get(shape, 0) + 1
+    return shapes
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), causal attention."""
     attention = 6 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len

@@ -52,15 +52,21 @@ def test_bench_report_is_consistent(tmp_path, capsys):
     ran = re.findall(r"^bench: \[(\w+)\] repeat (\d)/2", captured.err, re.M)
     assert ran == [("pre", "1"), ("peri", "1"), ("peri", "2"), ("pre", "2")]
 
-    # CPU peak: measured in this run, the best median of the precisions tried.
+    # CPU peak: measured in this run on the square and on every weight-matmul shape of the
+    # model (128 tokens per microbatch), each in every precision; the best median wins.
+    cfg = cli._build_config(CONFIG, list(TINY.items()))
     peak = r["peak"]
     assert peak["source"] == "measured" and peak["unit"] == "process"
-    assert {m["precision"] for m in peak["matmul"]} == {"float32", "bfloat16->float32", "bfloat16"}
+    precisions = {"float32", "bfloat16->float32", "bfloat16"}
+    shapes = [(128, 128, 128, "square")]
+    shapes += [(*s, "model") for s in flops.weight_matmul_shapes(cfg.model, 8 * 16)]
+    runs = collections.Counter((*m["shape"], m["source"], m["precision"]) for m in peak["matmul"])
+    assert runs == collections.Counter((*s, p) for s in shapes for p in precisions)
     best = max(peak["matmul"], key=lambda m: m["tflops"])
-    assert peak["tflops"] == best["tflops"] and peak["precision"].startswith(best["precision"])
+    assert peak["tflops"] == best["tflops"]
+    assert peak["precision"] == f"{best['precision']} matmul " + "x".join(map(str, best["shape"]))
     assert peak["tflops_total"] == pytest.approx(peak["tflops"] * jax.process_count())
 
-    cfg = cli._build_config(CONFIG, list(TINY.items()))
     for name, p in r["placements"].items():
         model = bench._with_placement(cfg, name).model
         # FLOPs: exactly the documented formula.
@@ -169,6 +175,25 @@ def test_bench_is_a_perijax_subcommand():
 )
 def test_device_kind_peaks(kind, name):
     assert bench.accelerator_peak(kind) == name
+
+
+def test_weight_matmul_shapes_are_the_step_matmul_flops():
+    """The shapes' FLOPs add up to the formula's 6 x matmul parameters per token: each weight's
+    forward, input-gradient and weight-gradient products, nothing missing or counted twice."""
+    for extra in ({}, {"num_kv_heads": 2}, {"d_ff": 96, "vocab_size": 50}):
+        fields = dict(num_layers=3, d_model=32, num_heads=4, d_ff=64, vocab_size=64)
+        model = config.ModelConfig(**{**fields, **extra})
+        shapes = flops.weight_matmul_shapes(model, rows=24)
+        assert sum(c * 2 * m * k * n for (m, k, n), c in shapes.items()) == (
+            6 * 24 * flops.matmul_params(model)
+        )
+        assert sum(shapes.values()) == 3 * (7 * 3 + 1)  # 7 weights per block and the LM head
+        d = model.d_model
+        assert {
+            (24, d, model.vocab_size),
+            (24, model.vocab_size, d),
+            (d, 24, model.vocab_size),
+        } <= (set(shapes))
 
 
 def test_peak_sources():
