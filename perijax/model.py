@@ -151,15 +151,48 @@ def attend(
     kv = k.shape[2]
     # Grouped query heads: [B, T, K, G, Dh] with h = kv * G + g.
     q = q.reshape(b, t, kv, h // kv, dh)
-    logits = einsum("btkgd,bskd->bkgts", q, k, jnp.float32)
-    logits = logits / math.sqrt(dh)
-    if mask is None:
-        mask = jnp.tril(jnp.ones((t, t), dtype=bool))
-    else:
-        mask = mask[:, None, None]  # [B, 1, 1, T, S]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+    # [B, K, G, T, S] after broadcasting; the causal mask is a host constant.
+    mask = np.tril(np.ones((t, t), dtype=bool)) if mask is None else mask[:, None, None]
+    return softmax_attention(q, k, v, mask).reshape(b, t, h, dh)
+
+
+@jax.custom_vjp
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(mask(q k^T / sqrt(Dh))) v for q [B, T, K, G, Dh] and k, v [B, S, K, Dh], all in the
+    compute dtype; mask (True = may attend) broadcasts to [B, K, G, T, S]. The matmuls take
+    compute-dtype inputs and accumulate in float32; the softmax is float32.
+
+    The backward pass is written out, as FlashAttention's is: it keeps the probabilities in the
+    compute dtype (autodiff kept them in float32 as well) and the float32 output o, and takes
+    rowsum(p * dp) as rowsum(do * o), a sum over Dh instead of over S (equal, since o = p v).
+    The probabilities of masked pairs are exactly 0, so their gradients are too."""
+    return _softmax_attention_fwd(q, k, v, mask)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask):
+    f32 = jnp.float32
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=f32)
+    logits = jnp.where(mask, logits / math.sqrt(q.shape[-1]), jnp.finfo(f32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=f32)
+    return out.astype(q.dtype), (q, k, v, probs, out)
+
+
+def _softmax_attention_bwd(residuals, g):
+    q, k, v, probs, out = residuals
+    f32 = jnp.float32
+    g = g.astype(q.dtype)
+    dv = jnp.einsum("bkgts,btkgd->bskd", probs, g, preferred_element_type=f32)
+    dp = jnp.einsum("btkgd,bskd->bkgts", g, v, preferred_element_type=f32)
+    # rowsum(p * dp) over S = rowsum(g * out) over Dh: [B, T, K, G] -> [B, K, G, T, 1].
+    delta = jnp.sum(g.astype(f32) * out, axis=-1).transpose(0, 2, 3, 1)[..., None]
+    ds = (probs.astype(f32) * (dp - delta) / math.sqrt(q.shape[-1])).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=f32)
+    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=f32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from perijax.config import ModelConfig
-from perijax.model import Block, Transformer, count_params, rotary_tables
+from perijax.model import Block, Transformer, count_params, rotary_tables, softmax_attention
 
 PLACEMENTS = ["pre", "post", "peri", "output"]
 
@@ -473,3 +473,62 @@ def test_rmsnorm_backward_equals_autodiff(shape, dtype):
     bwd = jax.jit(lambda x, s, g: jax.vjp(lambda x, s: rms_norm(x, s, 1e-6), x, s)[1](g))
     hlo = bwd.lower(x, scale, g).compile().as_text()
     assert hlo.count("operand_precision={highest,highest}") == 2
+
+
+def _attention_inputs(dtype, masked):
+    b, t, kv, g, dh = 2, 12, 2, 3, 8  # grouped queries: 3 query heads per key/value head
+    keys = jax.random.split(jax.random.key(7), 5)
+    q = jax.random.normal(keys[0], (b, t, kv, g, dh)).astype(dtype)
+    k = jax.random.normal(keys[1], (b, t, kv, dh)).astype(dtype)
+    v = jax.random.normal(keys[2], (b, t, kv, dh)).astype(dtype)
+    cotangent = jax.random.normal(keys[3], (b, t, kv, g, dh))
+    if masked:  # a decoding-style mask per batch row; every query keeps itself
+        mask = jax.random.bernoulli(keys[4], 0.6, (b, t, t)) | jnp.eye(t, dtype=bool)
+        mask = mask[:, None, None]
+    else:
+        mask = np.tril(np.ones((t, t), dtype=bool))
+    return (q, k, v), mask, cotangent
+
+
+def _attention_by_autodiff(q, k, v, mask):
+    q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k) / math.sqrt(q.shape[-1])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_backward_equals_autodiff(dtype, masked):
+    """The written-out backward (FlashAttention's rowsum(do * o)) gives autodiff's gradients of
+    the plain formula: to float32 rounding in float32, within bfloat16 rounding in bfloat16."""
+    inputs, mask, cotangent = _attention_inputs(dtype, masked)
+
+    def loss(fn):
+        return lambda *qkv: jnp.sum(fn(*qkv, mask).astype(jnp.float32) * cotangent)
+
+    value, grads = jax.value_and_grad(loss(softmax_attention), argnums=(0, 1, 2))(*inputs)
+    ref_value, ref_grads = jax.value_and_grad(loss(_attention_by_autodiff), argnums=(0, 1, 2))(
+        *inputs
+    )
+    tol, value_tol = (2e-6, 1e-5) if dtype == "float32" else (1e-2, 3e-2)
+    assert abs(value - ref_value) <= value_tol * abs(ref_value)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert g.dtype == jnp.dtype(dtype)
+        err = jnp.linalg.norm(g.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
+        assert err < tol, err
+
+
+def test_attention_keeps_the_probabilities_in_the_compute_dtype():
+    """For its backward pass the attention keeps one [T, S] array per head, the bfloat16
+    probabilities; autodiff of the same formula keeps float32 ones too."""
+    inputs, mask, _ = _attention_inputs("bfloat16", masked=False)
+    t = inputs[0].shape[1]
+
+    def squares(fn):
+        _, backward = jax.vjp(lambda *qkv: fn(*qkv, mask), *inputs)
+        leaves = jax.tree.leaves(backward)
+        return sorted(str(a.dtype) for a in leaves if a.shape[-2:] == (t, t) and a.dtype != bool)
+
+    assert squares(softmax_attention) == ["bfloat16"]
+    assert "float32" in squares(_attention_by_autodiff)
