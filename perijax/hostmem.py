@@ -24,11 +24,17 @@ block each time that happens until its free blocks cover the overlap.
 A daemon thread (`_Releaser`) bounds that: every half second it compares the process's anonymous
 resident memory with the most memory the heap has had in use over the last 30 s; when the first
 exceeds the second by more than 1.5 times the second (and by 1 GiB), it calls `malloc_trim(0)`,
-which hands the free pages back, and then waits at least 30 s before it may release again. The
-two blocks of the late-free case stay (they recur), a heap left over from a bigger phase goes.
-Half-second samples can miss the peak of a very short step; a release that the workload then
-undoes costs it one fault-in of its temporaries, at most once per 30 s. The thread blocks the
-asynchronous signals, so that SIGTERM/SIGINT reach the thread that waits for them
+which hands the free pages back, and then waits at least 30 s before it may release again. A heap
+left over from a bigger phase goes. But a steady training loop can need that much: the freed
+temporaries leave a hole that small allocations then split, so the next step's block no longer
+fits and the heap grows by another block, until there are enough holes (four blocks for
+`configs/small.py`). A release there is undone within a few steps, each faulting its block in
+again, and repeated every 30 s it slowed training by 15-20%. So the releaser learns: when the
+resident set climbs back to 90% of what it was before a release while the recent peak in use
+stays within a factor 4/3 of its value then (the same phase of the program), that size is
+needed, and it releases again only above 1.1 times it. A change of phase (the peak in use moves
+further) forgets it. Half-second samples can miss the peak of a very short step. The thread
+blocks the asynchronous signals, so that SIGTERM/SIGINT reach the thread that waits for them
 (perijax/signals.py). Without `mallinfo2` (glibc < 2.33) nothing is tuned.
 
 The settings must be made before any other thread allocates (threads that already own an arena
@@ -74,6 +80,9 @@ RELEASE_EVERY_S = 0.5
 RELEASE_WINDOW_S = 30.0  # how long a peak of heap use counts as "recent"
 RELEASE_SLACK = 1.5  # release when resident > (1 + slack) x recent peak in use ...
 RELEASE_MIN_BYTES = 1 << 30  # ... and by at least this much
+UNDONE_FRACTION = 0.9  # a release is undone when the resident set regrows to this share of before
+NEEDED_MARGIN = 1.1  # after an undone release, release only above this multiple of that size
+SAME_PHASE = 4 / 3  # recent peaks in use within this factor belong to the same phase
 
 
 class _MallInfo2(ctypes.Structure):
@@ -85,11 +94,20 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-def should_release(resident: int, recent_peak_in_use: int) -> bool:
+def should_release(resident: int, recent_peak_in_use: int, needed: int = 0) -> bool:
     """The release rule: the resident set exceeds the recent peak of heap memory in use by more
-    than RELEASE_SLACK of it and by at least RELEASE_MIN_BYTES."""
+    than RELEASE_SLACK of it and by at least RELEASE_MIN_BYTES, and exceeds NEEDED_MARGIN times
+    `needed` (what the workload regrew to after an earlier release; 0: nothing learned)."""
     excess = resident - recent_peak_in_use
-    return excess > RELEASE_SLACK * recent_peak_in_use and excess >= RELEASE_MIN_BYTES
+    return (
+        excess > RELEASE_SLACK * recent_peak_in_use
+        and excess >= RELEASE_MIN_BYTES
+        and resident > NEEDED_MARGIN * needed
+    )
+
+
+def _same_phase(peak: int, reference: int) -> bool:
+    return reference / SAME_PHASE <= peak <= reference * SAME_PHASE
 
 
 def _resident_bytes() -> int:
@@ -109,6 +127,9 @@ class _Releaser(threading.Thread):
         self.samples: collections.deque[tuple[float, int]] = collections.deque()
         self.releases = 0
         self.last_release = -float("inf")
+        self.pending: tuple[int, int] | None = None  # (resident before, peak) of the last release
+        self.needed = 0  # resident size the workload regrew to after a release (0: none) ...
+        self.needed_peak = 0  # ... in the phase with this recent peak in use
 
     def start(self) -> None:
         # A thread inherits its creator's signal mask: block the asynchronous signals while
@@ -119,20 +140,35 @@ class _Releaser(threading.Thread):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
+    def decide(self, now: float, in_use: int, resident: int) -> bool:
+        """Takes one sample (time, heap bytes in use, resident bytes); returns whether to
+        release now, and if so counts the release."""
+        self.samples.append((now, in_use))
+        while self.samples[0][0] < now - RELEASE_WINDOW_S:
+            self.samples.popleft()
+        peak = max(used for _, used in self.samples)
+        if self.pending is not None:
+            before, pending_peak = self.pending
+            if not _same_phase(peak, pending_peak):
+                self.pending = None
+            elif resident >= UNDONE_FRACTION * before:  # the workload took it back
+                self.needed, self.needed_peak, self.pending = before, pending_peak, None
+        if self.needed and not _same_phase(peak, self.needed_peak):
+            self.needed = 0
+        cooled = now - self.last_release >= RELEASE_WINDOW_S
+        if not (cooled and should_release(resident, peak, self.needed)):
+            return False
+        self.releases += 1
+        self.last_release = now
+        self.pending = (resident, peak)
+        return True
+
     def run(self) -> None:
         while True:
             time.sleep(RELEASE_EVERY_S)
-            now = time.monotonic()
             in_use = self.libc.mallinfo2().uordblks
-            self.samples.append((now, in_use))
-            while self.samples[0][0] < now - RELEASE_WINDOW_S:
-                self.samples.popleft()
-            peak = max(used for _, used in self.samples)
-            cooled = now - self.last_release >= RELEASE_WINDOW_S
-            if cooled and should_release(_resident_bytes(), peak):
+            if self.decide(time.monotonic(), in_use, _resident_bytes()):
                 self.libc.malloc_trim(0)
-                self.releases += 1
-                self.last_release = now
 
 
 def _glibc() -> ctypes.CDLL | None:

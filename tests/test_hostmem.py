@@ -128,6 +128,45 @@ def test_release_rule():
     assert hostmem.should_release(int(1.6 * gib), int(0.5 * gib))
 
 
+def test_release_rule_with_a_needed_size():
+    gib = 1 << 30
+    assert hostmem.should_release(int(11.5 * gib), int(3 * gib), needed=0)
+    assert not hostmem.should_release(int(11.5 * gib), int(3 * gib), needed=int(11 * gib))
+    assert hostmem.should_release(int(12.5 * gib), int(3 * gib), needed=int(11 * gib))
+
+
+def test_releaser_learns_what_the_workload_takes_back():
+    """A release that the same phase undoes (the heap regrows to 90% of its size before) is not
+    repeated at that size; a release that stays, or a new phase, keeps the plain rule."""
+    gib = 1 << 30
+    r = hostmem._Releaser(libc=None)
+    clock = iter(i * hostmem.RELEASE_EVERY_S for i in range(100_000))
+
+    def run(seconds, in_use, resident, trimmed=None):
+        """Samples for `seconds` (the resident set drops to `trimmed` GiB after a release);
+        returns how many times the releaser released."""
+        releases = 0
+        for _ in range(int(seconds / hostmem.RELEASE_EVERY_S)):
+            if r.decide(next(clock), int(in_use * gib), int(resident * gib)):
+                releases += 1
+                resident = trimmed
+        return releases
+
+    assert run(5, 3, 8, trimmed=3.3) == 1  # 8 GiB resident, 3 in use: released once
+    assert r.needed == 0 and r.pending == (8 * gib, 3 * gib)
+    assert run(5, 3, 7.5) == 0 and r.needed == 8 * gib  # the loop took it back: learned
+    assert run(60, 3, 8.5) == 0  # below 1.1 x 8 GiB: kept, however long
+    assert run(5, 3, 11.5, trimmed=4) == 1 and r.needed == 8 * gib  # grew further: released
+    assert run(10, 3, 11) == 0 and r.needed == 11.5 * gib  # ... and taken back again
+    assert run(60, 3, 12) == 0
+    # A new phase (a third of the memory in use) forgets that size once its window has passed.
+    assert run(hostmem.RELEASE_WINDOW_S + 5, 1, 12, trimmed=1.2) == 1
+    assert r.needed == 0 and r.pending is not None
+    # A release that the workload does not take back leaves the plain rule in place.
+    assert run(60, 1, 1.2) == 0 and r.needed == 0
+    assert run(5, 1, 4, trimmed=1.2) == 1
+
+
 SIGNAL_SCRIPT = textwrap.dedent(
     """
     import signal
