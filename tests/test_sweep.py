@@ -285,21 +285,26 @@ def test_runs_finished_from_emitted_commands_are_recognized(tmp_path, monkeypatc
 
 # -------------------------------------------------------------------------- real tiny training
 def test_diverging_run_is_recorded_with_its_step(tmp_path):
-    """lr=1e6 without the guard: the step-2 update blows the weights up, the step-3 loss is nan
-    and the trainer raises TrainingDiverged; the sweep records it and exits 0 (a result)."""
+    """lr=1e6 without the guard: the step-2 update blows the weights up (parameter norm ~1e8),
+    the loss turns nan within a step or two (which one depends on where float32 overflows first)
+    and the trainer raises TrainingDiverged; the sweep records that step and exits 0."""
     file = write_sweep(
         tmp_path / "diverge.py", {"optim.lr": [1e6]}, **{"train.skip_bad_steps": False}
     )
     root = tmp_path / "root"
     lines = []
     assert sweep.run_sweep(sweep.load_sweep(file), root, out=lines.append) == 0
+    rows = [r for r in rows_of(root / "lr=1000000.0") if "train/loss" in r]
+    first_nan = next(r["step"] for r in rows if r["train/loss"] == "nan")
+    assert 3 <= first_nan <= 5
+    assert all(r["train/loss"] != "nan" for r in rows if r["step"] < first_nan)
     status = json.loads((root / "lr=1000000.0" / "status.json").read_text())
     assert status["state"] == "diverged"
-    assert status["diverged_at_step"] == 3
-    assert status["message"] == "loss is nan at step 3"
+    assert status["diverged_at_step"] == first_nan
+    assert status["message"] == f"loss is nan at step {first_nan}"
     assert status["final"]["train/loss"] == "nan"  # strict JSON: the metrics.jsonl convention
-    assert "[1/1] lr=1000000.0  diverged at step 3" in "\n".join(lines)
-    assert rows_of(root / "lr=1000000.0")[-1]["train/loss"] == "nan"
+    assert f"[1/1] lr=1000000.0  diverged at step {first_nan}" in "\n".join(lines)
+    assert rows[-1]["train/loss"] == "nan"
 
 
 @pytest.fixture(scope="module")
