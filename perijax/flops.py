@@ -20,10 +20,16 @@ from perijax.config import ModelConfig
 from perijax.norms import NORM_ROLES
 
 
+def weight_matrices(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """The [k, n] shape of every weight matrix used in a matmul: per layer q, k, v, o, then the
+    SwiGLU gate, up and down matrices; then the LM head (the tied embedding counts once)."""
+    d, h, kv, dh, f = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_ff
+    block = [(d, h * dh), (d, kv * dh), (d, kv * dh), (h * dh, d), (d, f), (d, f), (f, d)]
+    return block * cfg.num_layers + [(d, cfg.vocab_size)]
+
+
 def matmul_params(cfg: ModelConfig) -> int:
-    d, h, k, dh, f = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_ff
-    per_layer = d * h * dh * 2 + d * k * dh * 2 + 3 * d * f
-    return cfg.num_layers * per_layer + d * cfg.vocab_size
+    return sum(k * n for k, n in weight_matrices(cfg))
 
 
 def weight_matmul_shapes(cfg: ModelConfig, rows: int) -> dict[tuple[int, int, int], int]:
@@ -32,12 +38,8 @@ def weight_matmul_shapes(cfg: ModelConfig, rows: int) -> dict[tuple[int, int, in
     weight gives the forward product (rows, k, n), the input gradient (rows, n, k) and the
     weight gradient (k, rows, n). `perijax bench` measures the CPU peak on these shapes too, so
     MFU is never taken against a peak below what the model's own matmuls reach alone."""
-    d, h, kv, dh, f = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_ff
-    # Per layer: q, k, v, o, then the SwiGLU gate, up and down matrices; then the LM head.
-    block = [(d, h * dh), (d, kv * dh), (d, kv * dh), (h * dh, d), (d, f), (d, f), (f, d)]
-    weights = block * cfg.num_layers + [(d, cfg.vocab_size)]
     shapes: dict[tuple[int, int, int], int] = {}
-    for k, n in weights:
+    for k, n in weight_matrices(cfg):
         for shape in ((rows, k, n), (rows, n, k), (k, rows, n)):
             shapes[shape] = shapes.get(shape, 0) + 1
     return shapes

@@ -183,12 +183,12 @@ def test_weight_matmul_shapes_are_the_step_matmul_flops():
     for extra in ({}, {"num_kv_heads": 2}, {"d_ff": 96, "vocab_size": 50}):
         fields = dict(num_layers=3, d_model=32, num_heads=4, d_ff=64, vocab_size=64)
         model = config.ModelConfig(**{**fields, **extra})
+        d, h, kv, dh, f = 32, 4, model.kv_heads, 8, model.d_ff
+        params = 3 * (2 * d * h * dh + 2 * d * kv * dh + 3 * d * f) + d * model.vocab_size
+        assert flops.matmul_params(model) == params
         shapes = flops.weight_matmul_shapes(model, rows=24)
-        assert sum(c * 2 * m * k * n for (m, k, n), c in shapes.items()) == (
-            6 * 24 * flops.matmul_params(model)
-        )
+        assert sum(c * 2 * m * k * n for (m, k, n), c in shapes.items()) == 6 * 24 * params
         assert sum(shapes.values()) == 3 * (7 * 3 + 1)  # 7 weights per block and the LM head
-        d = model.d_model
         assert {
             (24, d, model.vocab_size),
             (24, model.vocab_size, d),
