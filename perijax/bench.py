@@ -638,8 +638,8 @@ def format_report(r: dict[str, Any]) -> str:
         "",
         "step ms: median over repeats of each repeat's median step; TFLOP/s: model FLOPs "
         "(perijax/flops.py) per second, all devices together",
-        "XLA/model: XLA's FLOPs per device over the formula's (a scanned layer stack counts "
-        "once; remat adds recomputation)",
+        "XLA/model: XLA's FLOPs per device over the formula's (a scanned layer stack and the "
+        "output head's loss chunks count once; remat adds recomputation)",
         "peak mem: per device; "
         + (
             "* = compiled estimate (no device memory statistics)"

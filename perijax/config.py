@@ -61,6 +61,7 @@ class ModelConfig:
     scan_layers: bool = False  # one scanned block with stacked weights: fast compiles at depth
     remat: str = "none"  # none | minimal (save weight matmuls) | full (recompute the block)
     attention: str = "xla"  # xla (everywhere) | cudnn (NVIDIA GPU) | splash (TPU)
+    loss_chunk_len: int = 0  # positions per chunk of the fused output head + loss; 0: auto
 
     @property
     def kv_heads(self) -> int:
@@ -396,6 +397,11 @@ def validate(cfg: Config) -> None:
 
     _one_of("data.source", d.source, DATA_SOURCES)
     _positive(d, "data", "seq_len", "num_threads", "prefetch")
+    _require(
+        m.loss_chunk_len >= 0 and (m.loss_chunk_len == 0 or d.seq_len % m.loss_chunk_len == 0),
+        f"model.loss_chunk_len={m.loss_chunk_len} must divide data.seq_len={d.seq_len} "
+        "(or be 0: chosen automatically)",
+    )
     _require(
         (d.source == "prepared") == bool(d.path),
         "data.path names a `perijax prepare` folder and is used exactly when data.source=prepared",

@@ -48,10 +48,8 @@ def eval_sums(
     positions). Masked positions are selected away (not multiplied), so padding cannot leak."""
     from flax import nnx
 
-    from perijax.metrics import cross_entropy
-
     model = nnx.merge(graphdef, params)
-    total, count = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:], mask)
+    total, count = model.loss(tokens[:, :-1], tokens[:, 1:], mask)
     return {"loss_sum": total, "tokens": count}
 
 

@@ -96,15 +96,15 @@ def load_model(
       path: a checkpoint step folder (`WORKDIR/checkpoints/1200`), a checkpoints folder or a
         workdir (its latest checkpoint).
       mesh: where to place the parameters (default: `inference_mesh` over all devices).
-      overrides: model settings that do not change the parameters: dtype, attention, remat
-        (e.g. {"dtype": "float32"}); anything else, such as scan_layers (it changes the
-        parameter layout), is refused.
+      overrides: model settings that do not change the parameters: dtype, attention, remat,
+        loss_chunk_len (e.g. {"dtype": "float32"}); anything else, such as scan_layers (it
+        changes the parameter layout), is refused.
 
     Raises:
       ConfigError: no checkpoint there, or it does not match its own config.
     """
     directory, step, cfg, saved = _open_checkpoint(path)
-    allowed = {"dtype", "attention", "remat"}
+    allowed = {"dtype", "attention", "remat", "loss_chunk_len"}
     if overrides:
         bad = sorted(set(overrides) - allowed)
         if bad:

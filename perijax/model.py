@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from perijax import loss as loss_lib
 from perijax.config import ConfigError, ModelConfig
 from perijax.norms import NORM_ROLES, Norm, residual
-from perijax.sharding import constrain
+from perijax.sharding import constrain, shards
 
 __all__ = ["ModelConfig", "Transformer", "Block", "Attention", "Mlp", "count_params"]
 
@@ -484,17 +485,54 @@ class Transformer(nnx.Module):
         attend to every valid slot up to their own; returns (logits, updated cache). `valid`
         [B, T] marks padding tokens (False) that nothing may attend to; `positions` [B, T] are
         then required (a left-padded row's first real token has position 0)."""
+        if cache is not None:
+            x, rotary = self._embed(tokens, positions)
+            return self._decode(x, rotary, cache, valid)
+        x, stats = self.hidden(tokens, positions, collect_stats=collect_stats)
+        logits = self._head(x)
+        return (logits, stats) if collect_stats else logits
+
+    def loss(
+        self,
+        tokens: jax.Array,
+        targets: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        collect_stats: bool = False,
+    ):
+        """(summed next-token cross-entropy, counted positions), with `collect_stats` also the
+        per-layer telemetry, for inputs `tokens` [B, T] and their `targets` [B, T]; `mask` [B, T]
+        marks the positions that count (None: all). The output head and the loss run in chunks
+        of `ModelConfig.loss_chunk_len` positions without whole-batch logits (`perijax.loss`);
+        the result equals `metrics.cross_entropy(self(tokens), targets, mask)`."""
+        x, stats = self.hidden(tokens, collect_stats=collect_stats)
+        b, t = tokens.shape
+        vocab_first = self.lm_head is None
+        w = self.embed[...] if vocab_first else self.lm_head[...]
+        v = self.cfg.vocab_size
+        # The automatic chunk length budgets one device's logits: its rows and vocabulary part.
+        local = (b // shards("batch", b), v // shards("vocab", v))
+        chunk = loss_lib.chunk_len_for(self.cfg.loss_chunk_len, local[0], t, local[1])
+        out = loss_lib.head_loss(x, w, targets, mask, chunk_len=chunk, vocab_first=vocab_first)
+        return (*out, stats) if collect_stats else out
+
+    def _embed(self, tokens: jax.Array, positions) -> tuple[jax.Array, Rotary]:
         cfg = self.cfg
-        dtype = compute_dtype(cfg)
         if positions is None:
             positions = np.arange(tokens.shape[-1])  # static: constant rotary tables
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(compute_dtype(cfg))
         x = constrain(x, ("batch", "seq", None))
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        rotary = rotary_tables(positions, cfg.dim_per_head, cfg.rope_theta)
-        if cache is not None:
-            return self._decode(x, rotary, cache, valid)
+        return x, rotary_tables(positions, cfg.dim_per_head, cfg.rope_theta)
+
+    def hidden(
+        self, tokens: jax.Array, positions: jax.Array | None = None, *, collect_stats: bool = False
+    ):
+        """(final hidden states [B, T, D] in the compute dtype, after the final norm; per-layer
+        telemetry or None): everything but the output head."""
+        cfg = self.cfg
+        x, rotary = self._embed(tokens, positions)
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
             body = _block_fn(graphdef, rotary, cfg.remat, collect_stats)
@@ -506,12 +544,12 @@ class Transformer(nnx.Module):
                 x, layer_stats = _block_fn(graphdef, rotary, cfg.remat, collect_stats)(x, state)
                 per_layer.append(layer_stats)
             stats = jax.tree.map(lambda *v: jnp.stack(v), *per_layer) if collect_stats else None
-        logits = self._logits(x)
-        return (logits, stats) if collect_stats else logits
-
-    def _logits(self, x: jax.Array) -> jax.Array:
         if self.final_norm is not None:
             x = self.final_norm(x)
+        return x, stats
+
+    def _head(self, x: jax.Array) -> jax.Array:
+        """logits [B, T, V] float32 of final hidden states x."""
         if self.lm_head is None:  # tied: the [V, D] embedding as is (a transposed operand
             # sends XLA:CPU's bfloat16 weight-gradient dot to an unsupported kernel)
             logits = einsum("btd,vd->btv", x, self.embed[...], jnp.float32)
@@ -548,7 +586,9 @@ class Transformer(nnx.Module):
                 vs.append(new.v)
             ks, vs = jnp.stack(ks), jnp.stack(vs)
         new_cache = KVCache(k=ks, v=vs, valid=slots_valid, index=cache.index + t)
-        return self._logits(x), new_cache
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self._head(x), new_cache
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

@@ -186,6 +186,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh, x.shape))
 
 
+def shards(axis: str, size: int, mesh: Mesh | None = None) -> int:
+    """Into how many pieces `mesh` (default: the current abstract mesh, inside a trace) cuts a
+    dimension of `size` whose logical axis is `axis`, by the rules table; 1 outside a mesh."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    mesh_axes = logical_to_spec((axis,), mesh, (size,))[0] or ()
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+    return math.prod(mesh.shape[a] for a in mesh_axes)
+
+
 def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]):
     """Assembles the global batch from this process's rows (its contiguous block of axis 0)."""
     if jax.process_count() == 1:

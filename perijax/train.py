@@ -30,7 +30,6 @@ from perijax.checkpoint import Checkpointer, resolve_restore_path
 from perijax.config import Config, ConfigError, to_dict
 from perijax.metrics import (
     MetricWriter,
-    cross_entropy,
     expand_layers,
     format_duration,
     global_norm,
@@ -167,9 +166,8 @@ def compile_train_step(
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, tokens: jax.Array, collect: bool = False):
     """(mean next-token cross-entropy, per-layer stats or None). tokens: [B, T + 1] int32."""
     model = nnx.merge(graphdef, params)
-    out = model(tokens[:, :-1], collect_stats=collect)
-    logits, stats = out if collect else (out, None)
-    total, count = cross_entropy(logits, tokens[:, 1:])
+    out = model.loss(tokens[:, :-1], tokens[:, 1:], collect_stats=collect)
+    total, count, stats = out if collect else (*out, None)
     return total / count, stats
 
 
@@ -335,7 +333,7 @@ def train_step(
 def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
     """Summed loss and token count of one batch [B, T + 1] (summed so batches combine exactly)."""
     model = nnx.merge(state.graphdef, state.params)
-    total, count = cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+    total, count = model.loss(batch[:, :-1], batch[:, 1:])
     return {"loss_sum": total, "tokens": count}
 
 

@@ -78,6 +78,20 @@ def test_gradient_accumulation_on_a_mesh_matches(tmp_path, single_device_losses)
     np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["data_x_fsdp_x_tensor", "tensor"])
+def test_chunked_loss_on_a_mesh_matches(tmp_path, single_device_losses, name):
+    """The output head and loss in 4 chunks of 4 positions (perijax.loss), with the vocabulary
+    split over `tensor`, train like one device with one chunk."""
+    data, fsdp, tensor = MESHES[name]
+    losses, _ = run(
+        tmp_path,
+        name,
+        **{"mesh.data": str(data), "mesh.fsdp": str(fsdp), "mesh.tensor": str(tensor)},
+        **{"model.loss_chunk_len": "4"},
+    )
+    np.testing.assert_allclose(losses, single_device_losses, rtol=1e-5)
+
+
 def _spec(x) -> tuple:
     spec = tuple(x.get_value().sharding.spec)
     while spec and spec[-1] is None:
