@@ -77,6 +77,9 @@ def plan(cfg, accelerator: str) -> dict:
     t_cfg = cfg.train
     accum = t_cfg.grad_accum_steps
     batch_shape = (t_cfg.global_batch_size // accum, accum, cfg.data.seq_len + 1)
+    if cfg.model.loss_chunk_len == 0:  # the accelerator's automatic loss chunk, not the CPU's
+        chunk = _accelerator_loss_chunk(cfg, mesh, batch_shape[0], accelerator)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss_chunk_len=chunk))
 
     t0 = time.perf_counter()
     abstract = jax.eval_shape(lambda: train_lib.create_state(cfg))
@@ -105,7 +108,11 @@ def plan(cfg, accelerator: str) -> dict:
     model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / mesh.size
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     return {
-        "config": {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(t_cfg)},
+        "config": {
+            "model": dataclasses.asdict(cfg.model),
+            "data": dataclasses.asdict(cfg.data),
+            "train": dataclasses.asdict(t_cfg),
+        },
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
         "accelerator": accelerator,
@@ -132,9 +139,28 @@ def plan(cfg, accelerator: str) -> dict:
     }
 
 
+def _accelerator_loss_chunk(cfg, mesh, micro_batch: int, accelerator: str) -> int:
+    """`perijax.loss.auto_chunk_len` as the target accelerator would pick it, per device."""
+    from perijax.loss import auto_chunk_len
+    from perijax.sharding import shards
+
+    vocab = cfg.model.vocab_size
+    backend = "tpu" if accelerator.startswith("tpu") else "gpu"
+    return auto_chunk_len(
+        micro_batch // shards("batch", micro_batch, mesh),
+        cfg.data.seq_len,
+        vocab // shards("vocab", vocab, mesh),
+        backend=backend,
+    )
+
+
 def format_report(r: dict) -> str:
-    d = r["per_device"]
+    d, m = r["per_device"], r["config"]["model"]
     g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    loops = [name for name, counted_once in (
+        ("scanned layers", m["scan_layers"]),
+        ("loss chunks", m["loss_chunk_len"] < r["config"]["data"]["seq_len"]),
+    ) if counted_once]  # fmt: skip
     lines = [
         f"plan: {r['parameters']:,} parameters on {r['devices']} x {r['accelerator']} "
         f"(mesh {r['sharding']}), {r['tokens_per_step']:,} tokens/step",
@@ -143,13 +169,14 @@ def format_report(r: dict) -> str:
         f"    parameters        {g(d['params_bytes'])}",
         f"    optimizer state   {g(d['opt_state_bytes'])}",
         f"    all arguments     {g(d['arguments_bytes'])}  (state + batch)",
-        f"    temporaries       {g(d['temp_bytes'])}  (activations, grads; CPU estimate)",
+        f"    temporaries       {g(d['temp_bytes'])}  (activations, grads; CPU estimate; "
+        f"loss in chunks of {m['loss_chunk_len']} positions)",
         f"    peak (estimate)   {g(d['peak_bytes'])}  of {r['hbm_bytes'] / GIB:.0f} GiB HBM: "
         + ("fits" if r["fits"] else "DOES NOT FIT"),
         f"    model FLOPs/step  {d['model_flops_per_step']:.3e}  (perijax/flops.py; "
         f">= {r['ideal_step_time_s'] * 1e3:.1f} ms/step at peak)",
         f"    XLA FLOPs/step    {d['xla_flops_per_step']:.3e}"
-        + ("  (scanned layers counted once)" if r["config"]["model"]["scan_layers"] else ""),
+        + (f"  ({' and '.join(loops)} counted once)" if loops else ""),
     ]
     return "\n".join(lines)
 

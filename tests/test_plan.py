@@ -71,3 +71,16 @@ def test_plan_command_simulates_the_target_devices(tmp_path):
     assert r["devices"] == 16 and r["mesh"] == {"data": 4, "fsdp": 4, "tensor": 1}
     assert "per device" in proc.stdout and ("fits" in proc.stdout or "NOT FIT" in proc.stdout)
     assert r["per_device"]["params_bytes"] == pytest.approx(4 * r["parameters"] / 4, rel=0.02)
+
+
+def test_plan_picks_the_accelerators_loss_chunk():
+    """`model.loss_chunk_len=0` is resolved by the target's rule (perijax.loss), per device:
+    planned on CPU devices, the CPU's own rule would cut the loss much finer."""
+    from perijax.loss import auto_chunk_len
+
+    # 8 devices, 2 rows of 512 tokens each; the whole sequence is 64M logits per device.
+    r = report(**{"model.vocab_size": "65536", "data.seq_len": "512", "mesh.data": "-1"})
+    assert r["config"]["model"]["loss_chunk_len"] == 512
+    assert auto_chunk_len(2, 512, 65536, backend="gpu") == 512
+    assert auto_chunk_len(2, 512, 65536, backend="cpu") == 128
+    assert auto_chunk_len(16, 512, 65536, backend="gpu") == 256  # the global batch's
