@@ -24,7 +24,7 @@
 #
 # Settings (environment variables, defaults in brackets): SIZES ["400m 1.5b"],
 # PLACEMENTS [pre,peri,post,output], WARMUP [3], STEPS [10], SEQ_LEN [8192], BATCH_400M [2] and
-# BATCH_1_5B [1] sequences per GPU (docs/scaling.md: ~45 / ~48 GiB planned per H100),
+# BATCH_1_5B [1] sequences per GPU (docs/scaling.md: ~35 / ~42 GiB planned per H100),
 # ATTENTION [xla; cudnn for cuDNN flash attention], EXTRA_XLA_FLAGS [], BENCH_ARGS [] (more
 # `perijax bench` arguments, e.g. "--repeats 2"), WHEELS [.whl], PYTHON [python3],
 # PER_SIZE_TIMEOUT [200].
