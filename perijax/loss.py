@@ -55,7 +55,7 @@ def auto_chunk_len(batch: int, seq_len: int, vocab: int, backend: str | None = N
 
 def chunk_len_for(setting: int, batch: int, seq_len: int, vocab: int) -> int:
     """The chunk length used for a [batch, seq_len] input: `setting` (0: `auto_chunk_len`);
-    for a `seq_len` it does not divide (scoring other lengths), its longest divisor below it."""
+    for a `seq_len` it does not divide (scoring other lengths), its longest divisor up to it."""
     if setting <= 0:
         return auto_chunk_len(batch, seq_len, vocab)
     return max(c for c in range(1, min(setting, seq_len) + 1) if seq_len % c == 0)
