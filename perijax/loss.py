@@ -53,11 +53,18 @@ def auto_chunk_len(batch: int, seq_len: int, vocab: int, backend: str | None = N
     return max(best, floor)
 
 
-def chunk_len_for(setting: int, batch: int, seq_len: int, vocab: int) -> int:
-    """The chunk length used for a [batch, seq_len] input: `setting` (0: `auto_chunk_len`);
-    for a `seq_len` it does not divide (scoring other lengths), its longest divisor up to it."""
+def chunk_len_for(
+    setting: int, batch: int, seq_len: int, vocab: int, *, mesh=None, backend: str | None = None
+) -> int:
+    """The chunk length used for a global [batch, seq_len] input: `setting`, or with 0
+    `auto_chunk_len` of one device's part (its rows of the batch and of the vocabulary, as
+    `mesh` splits them: default the current abstract mesh) on `backend` (default: JAX's). For
+    a `seq_len` that `setting` does not divide (scoring other lengths), its longest divisor up
+    to `setting`."""
     if setting <= 0:
-        return auto_chunk_len(batch, seq_len, vocab)
+        local_batch = batch // shards("batch", batch, mesh)
+        local_vocab = vocab // shards("vocab", vocab, mesh)
+        return auto_chunk_len(local_batch, seq_len, local_vocab, backend)
     return max(c for c in range(1, min(setting, seq_len) + 1) if seq_len % c == 0)
 
 
@@ -147,23 +154,16 @@ def _run(x, w, targets, valid, chunk_len: int, vocab_first: bool, grads: bool):
             g = (_merge(g[0][None]), jnp.sum(g[1], axis=0))
         return jnp.sum(loss), g
 
-    if not grads:
-
-        def body(total, inputs):
-            loss, _ = _chunk(inputs[0], wc, inputs[1], inputs[2], vocab_first, False)
-            return total + loss, None
-
-        total, _ = jax.lax.scan(body, jnp.zeros((s,), jnp.float32), (xs, ts, vs))
-        return jnp.sum(total), None
-
-    def body_with_grads(carry, inputs):
+    def body(carry, inputs):
         total, dw = carry
-        loss, (dx, dw_chunk) = _chunk(inputs[0], wc, inputs[1], inputs[2], vocab_first, True)
-        return (total + loss, dw + dw_chunk), dx
+        loss, g = _chunk(inputs[0], wc, inputs[1], inputs[2], vocab_first, grads)
+        if g is None:
+            return (total + loss, None), None
+        return (total + loss, dw + g[1]), g[0]
 
-    zeros = (jnp.zeros((s,), jnp.float32), jnp.zeros((s, *w.shape), jnp.float32))
-    (total, dw), dxs = jax.lax.scan(body_with_grads, zeros, (xs, ts, vs))
-    return jnp.sum(total), (_merge(dxs), jnp.sum(dw, axis=0))
+    zeros = (jnp.zeros((s,), jnp.float32), jnp.zeros((s, *w.shape), jnp.float32) if grads else None)
+    (total, dw), dxs = jax.lax.scan(body, zeros, (xs, ts, vs))
+    return jnp.sum(total), ((_merge(dxs), jnp.sum(dw, axis=0)) if grads else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

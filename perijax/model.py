@@ -24,7 +24,7 @@ from flax import nnx
 from perijax import loss as loss_lib
 from perijax.config import ConfigError, ModelConfig
 from perijax.norms import NORM_ROLES, Norm, residual
-from perijax.sharding import constrain, shards
+from perijax.sharding import constrain
 
 __all__ = ["ModelConfig", "Transformer", "Block", "Attention", "Mlp", "count_params"]
 
@@ -509,10 +509,7 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         vocab_first = self.lm_head is None
         w = self.embed[...] if vocab_first else self.lm_head[...]
-        v = self.cfg.vocab_size
-        # The automatic chunk length budgets one device's logits: its rows and vocabulary part.
-        local = (b // shards("batch", b), v // shards("vocab", v))
-        chunk = loss_lib.chunk_len_for(self.cfg.loss_chunk_len, local[0], t, local[1])
+        chunk = loss_lib.chunk_len_for(self.cfg.loss_chunk_len, b, t, self.cfg.vocab_size)
         out = loss_lib.head_loss(x, w, targets, mask, chunk_len=chunk, vocab_first=vocab_first)
         return (*out, stats) if collect_stats else out
 

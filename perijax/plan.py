@@ -70,6 +70,7 @@ def plan(cfg, accelerator: str) -> dict:
     from perijax import sharding as sharding_lib
     from perijax import train as train_lib
     from perijax.flops import flops_per_token
+    from perijax.loss import chunk_len_for
 
     if cfg.model.dtype == "auto":  # the target is an accelerator: bfloat16 compute
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
@@ -78,7 +79,14 @@ def plan(cfg, accelerator: str) -> dict:
     accum = t_cfg.grad_accum_steps
     batch_shape = (t_cfg.global_batch_size // accum, accum, cfg.data.seq_len + 1)
     if cfg.model.loss_chunk_len == 0:  # the accelerator's automatic loss chunk, not the CPU's
-        chunk = _accelerator_loss_chunk(cfg, mesh, batch_shape[0], accelerator)
+        chunk = chunk_len_for(
+            0,
+            batch_shape[0],
+            cfg.data.seq_len,
+            cfg.model.vocab_size,
+            mesh=mesh,
+            backend="tpu" if accelerator.startswith("tpu") else "gpu",
+        )
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss_chunk_len=chunk))
 
     t0 = time.perf_counter()
@@ -137,21 +145,6 @@ def plan(cfg, accelerator: str) -> dict:
         "compile_s": t_compile,
         "sharding": sharding_lib.describe(mesh),
     }
-
-
-def _accelerator_loss_chunk(cfg, mesh, micro_batch: int, accelerator: str) -> int:
-    """`perijax.loss.auto_chunk_len` as the target accelerator would pick it, per device."""
-    from perijax.loss import auto_chunk_len
-    from perijax.sharding import shards
-
-    vocab = cfg.model.vocab_size
-    backend = "tpu" if accelerator.startswith("tpu") else "gpu"
-    return auto_chunk_len(
-        micro_batch // shards("batch", micro_batch, mesh),
-        cfg.data.seq_len,
-        vocab // shards("vocab", vocab, mesh),
-        backend=backend,
-    )
 
 
 def format_report(r: dict) -> str:
