@@ -27,7 +27,7 @@ PARAM_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_SOURCES = ("stdlib", "synthetic", "prepared")
 REMAT = ("none", "minimal", "full")
-ATTENTION = ("xla", "cudnn", "splash")
+ATTENTION = ("auto", "xla", "blockwise", "cudnn", "splash")
 ON_BAD_STEPS = ("rollback", "stop")
 
 
@@ -60,7 +60,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False  # one scanned block with stacked weights: fast compiles at depth
     remat: str = "none"  # none | minimal (save weight matmuls) | full (recompute the block)
-    attention: str = "xla"  # xla (everywhere) | cudnn (NVIDIA GPU) | splash (TPU)
+    # auto: cudnn on GPU, splash on TPU, xla on CPU | xla | blockwise (any backend) | cudnn | splash
+    attention: str = "auto"
     loss_chunk_len: int = 0  # positions per chunk of the fused output head + loss; 0: auto
 
     @property
@@ -90,6 +91,9 @@ class DataConfig:
     val_fraction: float = 0.05
     num_threads: int = 2
     prefetch: int = 4
+    # Packed rows: attend only within each document (documents end with the data's
+    # end-of-document token) and restart positions at each document's first token.
+    document_masking: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

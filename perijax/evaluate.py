@@ -41,15 +41,23 @@ PROGRESS_SECONDS = 10.0  # a progress line at most this often on long evals
 
 # ------------------------------------------------------------------------------------ the loss
 def eval_sums(
-    graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, mask: jax.Array
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: jax.Array,
+    mask: jax.Array,
+    eod_id: int | None = None,
 ) -> dict[str, jax.Array]:
     """The trainer's `eval_step` with a mask: summed next-token cross-entropy (nats) and count of
     the targets where `mask` is True. tokens: [B, T + 1] int32; mask: [B, T] bool (target
-    positions). Masked positions are selected away (not multiplied), so padding cannot leak."""
+    positions). Masked positions are selected away (not multiplied), so padding cannot leak.
+    `eod_id`: document masking, as the run was trained (`train.document_eod`)."""
     from flax import nnx
 
+    from perijax.train import segment_ids
+
     model = nnx.merge(graphdef, params)
-    total, count = model.loss(tokens[:, :-1], tokens[:, 1:], mask)
+    inputs = tokens[:, :-1]
+    total, count = model.loss(inputs, tokens[:, 1:], mask, segment_ids=segment_ids(inputs, eod_id))
     return {"loss_sum": total, "tokens": count}
 
 
@@ -173,6 +181,9 @@ def evaluate_checkpoint(
             f"data '{data.name}' has {data.vocab_size} token ids but the model has "
             f"vocab_size={cfg.model.vocab_size}"
         )
+    from perijax.train import document_eod
+
+    eod_id = document_eod(cfg, data)
     if seq_len > cfg.data.seq_len:
         log(
             f"note: seq_len={seq_len} is longer than the run's data.seq_len={cfg.data.seq_len}; "
@@ -206,7 +217,7 @@ def evaluate_checkpoint(
     graphdef, params = nnx.split(loaded.model)
     batch_sharding = sharding_lib.batch_sharding(mesh, 2)
     eval_fn = jax.jit(
-        functools.partial(eval_sums, graphdef),
+        functools.partial(eval_sums, graphdef, eod_id=eod_id),
         in_shardings=(None, batch_sharding, batch_sharding),
         out_shardings=NamedSharding(mesh, PartitionSpec()),
         compiler_options=step_compiler_options(),

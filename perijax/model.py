@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from perijax import attention as attention_lib
 from perijax import loss as loss_lib
-from perijax.config import ConfigError, ModelConfig
+from perijax.config import ModelConfig
 from perijax.norms import NORM_ROLES, Norm, residual
 from perijax.sharding import constrain
 
@@ -40,15 +41,7 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 
 def check_backend(cfg: ModelConfig) -> None:
     """Fails early when a chosen kernel does not exist on this backend."""
-    backend = jax.default_backend()
-    needs = {"cudnn": ("gpu", "an NVIDIA GPU"), "splash": ("tpu", "a TPU")}.get(cfg.attention)
-    if needs and backend != needs[0]:
-        raise ConfigError(
-            f"model.attention={cfg.attention} needs {needs[1]}, but the backend is {backend}: "
-            "use model.attention=xla"
-        )
-    if cfg.attention == "cudnn" and compute_dtype(cfg) == jnp.float32:
-        raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 (or auto on GPU)")
+    attention_lib.check(cfg.attention, compute_dtype(cfg))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
@@ -137,88 +130,6 @@ def rope(x: jax.Array, rotary: Rotary) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attend(
-    impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
-) -> jax.Array:
-    """Softmax attention. q: [B, T, H, Dh]; k, v: [B, S, K, Dh] -> [B, T, H, Dh].
-
-    Causal (S = T) unless `mask` [B, T, S] (True = may attend) is given, as decoding with a KV
-    cache does; masked attention always takes the XLA path."""
-    if mask is None and impl == "cudnn":  # cuDNN flash attention (NVIDIA GPUs, bf16/fp16)
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    if mask is None and impl == "splash":
-        return _splash_attention(q, k, v)
-    b, t, h, dh = q.shape
-    kv = k.shape[2]
-    # Grouped query heads: [B, T, K, G, Dh] with h = kv * G + g.
-    q = q.reshape(b, t, kv, h // kv, dh)
-    # [B, K, G, T, S] after broadcasting; the causal mask is a host constant.
-    mask = np.tril(np.ones((t, t), dtype=bool)) if mask is None else mask[:, None, None]
-    return softmax_attention(q, k, v, mask).reshape(b, t, h, dh)
-
-
-@jax.custom_vjp
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(mask(q k^T / sqrt(Dh))) v for q [B, T, K, G, Dh] and k, v [B, S, K, Dh], all in the
-    compute dtype; mask (True = may attend) broadcasts to [B, K, G, T, S]. The matmuls take
-    compute-dtype inputs and accumulate in float32; the softmax is float32.
-
-    The backward pass is written out, as FlashAttention's is: it keeps the probabilities in the
-    compute dtype (autodiff kept them in float32 as well) and the float32 output o, and takes
-    rowsum(p * dp) as rowsum(do * o), a sum over Dh instead of over S (equal, since o = p v).
-    The probabilities of masked pairs are exactly 0, so their gradients are too."""
-    return _softmax_attention_fwd(q, k, v, mask)[0]
-
-
-def _softmax_attention_fwd(q, k, v, mask):
-    f32 = jnp.float32
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=f32)
-    logits = jnp.where(mask, logits / math.sqrt(q.shape[-1]), jnp.finfo(f32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=f32)
-    return out.astype(q.dtype), (q, k, v, probs, out)
-
-
-def _softmax_attention_bwd(residuals, g):
-    q, k, v, probs, out = residuals
-    f32 = jnp.float32
-    g = g.astype(q.dtype)
-    dv = jnp.einsum("bkgts,btkgd->bskd", probs, g, preferred_element_type=f32)
-    dp = jnp.einsum("btkgd,bskd->bkgts", g, v, preferred_element_type=f32)
-    # rowsum(p * dp) over S = rowsum(g * out) over Dh: [B, T, K, G] -> [B, K, G, T, 1].
-    delta = jnp.sum(g.astype(f32) * out, axis=-1).transpose(0, 2, 3, 1)[..., None]
-    ds = (probs.astype(f32) * (dp - delta) / math.sqrt(q.shape[-1])).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=f32)
-    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=f32)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-
-def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """TPU Pallas splash attention, run per shard (batch over data x fsdp, heads over tensor)."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
-    from perijax.sharding import logical_to_spec
-
-    b, t, h, dh = q.shape
-    k = jnp.repeat(k, h // k.shape[2], axis=2)  # splash MHA wants one kv head per query head
-    v = jnp.repeat(v, h // v.shape[2], axis=2)
-    mesh = jax.sharding.get_abstract_mesh()
-    spec = logical_to_spec(("batch", "heads", "seq", "kv"), None if mesh.empty else mesh)
-
-    def kernel(q, k, v):  # per shard: [b, h, T, Dh]
-        mask = splash.MultiHeadMask([splash.CausalMask((t, t))] * q.shape[1])
-        fn = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
-        return jax.vmap(fn)(q / math.sqrt(dh), k, v)
-
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    if not mesh.empty:
-        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
-    return kernel(q, k, v).transpose(0, 2, 1, 3)
-
-
 class Attention(nnx.Module):
     """Causal multi-head attention with grouped-query option and optional QK-norm.
 
@@ -240,9 +151,15 @@ class Attention(nnx.Module):
         self.q_norm = _norm(cfg, q_dim, "rmsnorm") if q_dim else None
         self.k_norm = _norm(cfg, k_dim, "rmsnorm") if k_dim else None
 
-    def __call__(self, x: jax.Array, rotary: Rotary, cache: LayerCache | None = None):
+    def __call__(
+        self,
+        x: jax.Array,
+        rotary: Rotary,
+        cache: LayerCache | None = None,
+        segment_ids: jax.Array | None = None,
+    ):
         """x: [B, T, D] -> [B, T, D]; with a `cache`, also the cache with this step's keys and
-        values written at `cache.index`."""
+        values written at `cache.index`. `segment_ids` [B, T]: attend within documents only."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -264,9 +181,9 @@ class Attention(nnx.Module):
                 v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
             )
             keys, values = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
-            out = attend(cfg.attention, q, keys, values, cache.mask)
+            out = attention_lib.attend(cfg.attention, q, keys, values, mask=cache.mask)
         else:
-            out = attend(cfg.attention, q, kk, v)
+            out = attention_lib.attend(cfg.attention, q, kk, v, segment_ids=segment_ids)
         out = constrain(out, ("batch", "seq", "heads", "kv"))
         out = einsum("bthk,hkd->btd", out, self.wo[...])
         return out if cache is None else (out, cache)
@@ -318,9 +235,11 @@ class Block(nnx.Module):
         *,
         collect_stats: bool = False,
         cache: LayerCache | None = None,
+        segment_ids: jax.Array | None = None,
     ):
         """x: [B, T, D] residual stream -> [B, T, D] (`rotary`: the tables of x's positions,
-        `rotary_tables`); with `collect_stats`, also a dict
+        `rotary_tables`; `segment_ids` [B, T]: attend within documents); with `collect_stats`,
+        also a dict
         {"attn": stats, "mlp": stats} of scalar telemetry (`stream_stats`); with a KV `cache`,
         (x, updated cache)."""
         if cache is not None:
@@ -333,7 +252,10 @@ class Block(nnx.Module):
             x = residual(self.placement, x, attn, **self._norms("attn"))
             x = residual(self.placement, x, self.mlp, **self._norms("mlp"))
             return x, holder["cache"]
-        sublayers = {"attn": lambda h: self.attn(h, rotary), "mlp": self.mlp}
+        sublayers = {
+            "attn": lambda h: self.attn(h, rotary, segment_ids=segment_ids),
+            "mlp": self.mlp,
+        }
         stats = {}
         for name, f in sublayers.items():
             norms = self._norms(name)
@@ -413,12 +335,19 @@ REMAT_POLICIES = {
 }
 
 
-def _block_fn(graphdef: nnx.GraphDef, rotary: Rotary, remat: str, collect: bool = False):
+def _block_fn(
+    graphdef: nnx.GraphDef,
+    rotary: Rotary,
+    remat: str,
+    collect: bool = False,
+    segment_ids: jax.Array | None = None,
+):
     """(x, block_state) -> (x, stats or None): one block, optionally rematerialized, shaped
     for scan (stats become [L]-stacked scan outputs)."""
 
     def body(x, state):
-        out = nnx.merge(graphdef, state)(x, rotary, collect_stats=collect)
+        block = nnx.merge(graphdef, state)
+        out = block(x, rotary, collect_stats=collect, segment_ids=segment_ids)
         x, stats = out if collect else (out, None)
         return constrain(x, ("batch", "seq", None)), stats
 
@@ -477,6 +406,7 @@ class Transformer(nnx.Module):
         collect_stats: bool = False,
         cache: KVCache | None = None,
         valid: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ):
         """logits [B, T, V] float32; with `collect_stats` also per-layer telemetry
         {"attn": {name: [L]}, "mlp": {name: [L]}} (see `stream_stats`).
@@ -484,11 +414,16 @@ class Transformer(nnx.Module):
         Decoding: with a KV `cache`, the T tokens are written to slots index..index+T-1 and
         attend to every valid slot up to their own; returns (logits, updated cache). `valid`
         [B, T] marks padding tokens (False) that nothing may attend to; `positions` [B, T] are
-        then required (a left-padded row's first real token has position 0)."""
+        then required (a left-padded row's first real token has position 0).
+
+        Packed sequences: `segment_ids` [B, T] (`attention.document_ids`) keep attention within
+        each document, and positions restart at each document's first token."""
         if cache is not None:
             x, rotary = self._embed(tokens, positions)
             return self._decode(x, rotary, cache, valid)
-        x, stats = self.hidden(tokens, positions, collect_stats=collect_stats)
+        x, stats = self.hidden(
+            tokens, positions, collect_stats=collect_stats, segment_ids=segment_ids
+        )
         logits = self._head(x)
         return (logits, stats) if collect_stats else logits
 
@@ -499,13 +434,14 @@ class Transformer(nnx.Module):
         mask: jax.Array | None = None,
         *,
         collect_stats: bool = False,
+        segment_ids: jax.Array | None = None,
     ):
         """(summed next-token cross-entropy, counted positions), with `collect_stats` also the
         per-layer telemetry, for inputs `tokens` [B, T] and their `targets` [B, T]; `mask` [B, T]
-        marks the positions that count (None: all). The output head and the loss run in chunks
-        of `ModelConfig.loss_chunk_len` positions without whole-batch logits (`perijax.loss`);
-        the result equals `metrics.cross_entropy(self(tokens), targets, mask)`."""
-        x, stats = self.hidden(tokens, collect_stats=collect_stats)
+        marks the positions that count (None: all); `segment_ids` [B, T] as in `__call__`. The
+        output head and the loss run in chunks of `ModelConfig.loss_chunk_len` positions without
+        whole-batch logits (`perijax.loss`); the result equals `metrics.cross_entropy(self(tokens), targets, mask)`."""
+        x, stats = self.hidden(tokens, collect_stats=collect_stats, segment_ids=segment_ids)
         b, t = tokens.shape
         vocab_first = self.lm_head is None
         w = self.embed[...] if vocab_first else self.lm_head[...]
@@ -513,9 +449,11 @@ class Transformer(nnx.Module):
         out = loss_lib.head_loss(x, w, targets, mask, chunk_len=chunk, vocab_first=vocab_first)
         return (*out, stats) if collect_stats else out
 
-    def _embed(self, tokens: jax.Array, positions) -> tuple[jax.Array, Rotary]:
+    def _embed(self, tokens: jax.Array, positions, segment_ids=None) -> tuple[jax.Array, Rotary]:
         cfg = self.cfg
-        if positions is None:
+        if positions is None and segment_ids is not None:
+            positions = attention_lib.document_positions(segment_ids)
+        elif positions is None:
             positions = np.arange(tokens.shape[-1])  # static: constant rotary tables
         x = jnp.take(self.embed[...], tokens, axis=0).astype(compute_dtype(cfg))
         x = constrain(x, ("batch", "seq", None))
@@ -524,21 +462,27 @@ class Transformer(nnx.Module):
         return x, rotary_tables(positions, cfg.dim_per_head, cfg.rope_theta)
 
     def hidden(
-        self, tokens: jax.Array, positions: jax.Array | None = None, *, collect_stats: bool = False
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        collect_stats: bool = False,
+        segment_ids: jax.Array | None = None,
     ):
         """(final hidden states [B, T, D] in the compute dtype, after the final norm; per-layer
         telemetry or None): everything but the output head."""
         cfg = self.cfg
-        x, rotary = self._embed(tokens, positions)
+        x, rotary = self._embed(tokens, positions, segment_ids)
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
-            body = _block_fn(graphdef, rotary, cfg.remat, collect_stats)
+            body = _block_fn(graphdef, rotary, cfg.remat, collect_stats, segment_ids)
             x, stats = jax.lax.scan(body, x, state)
         else:
             per_layer = []
             for block in self.blocks:
                 graphdef, state = nnx.split(block)
-                x, layer_stats = _block_fn(graphdef, rotary, cfg.remat, collect_stats)(x, state)
+                fn = _block_fn(graphdef, rotary, cfg.remat, collect_stats, segment_ids)
+                x, layer_stats = fn(x, state)
                 per_layer.append(layer_stats)
             stats = jax.tree.map(lambda *v: jnp.stack(v), *per_layer) if collect_stats else None
         if self.final_norm is not None:

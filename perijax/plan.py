@@ -5,7 +5,9 @@ Runs anywhere: the target's devices are simulated as fake CPU devices, parameter
 abstract (`jax.eval_shape`, ShapeDtypeStructs) and the step is lowered and compiled with the same
 shardings `perijax train` uses. Memory numbers come from XLA's CPU compiler: parameter and
 optimizer-state bytes are exact; activation/temporary bytes are indicative (the CPU compiler
-schedules differently from the GPU/TPU ones and materializes the T x T attention scores).
+schedules differently from the GPU/TPU ones). The fused attention kernels the target would run
+(cuDNN, splash) do not compile on CPU: the plan compiles `blockwise` attention in their place,
+FlashAttention-2's algorithm in plain JAX, whose memory is linear in T as theirs is.
 
     perijax plan --config configs/paper.py:size=3.2b --accelerator tpu-v5p --devices 64 \\
         --config.mesh.fsdp=-1 --config.mesh.data=1
@@ -69,11 +71,19 @@ def plan(cfg, accelerator: str) -> dict:
 
     from perijax import sharding as sharding_lib
     from perijax import train as train_lib
+    from perijax.attention import resolve
     from perijax.flops import flops_per_token
     from perijax.loss import chunk_len_for
 
-    if cfg.model.dtype == "auto":  # the target is an accelerator: bfloat16 compute
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
+    backend = "tpu" if accelerator.startswith("tpu") else "gpu"
+    target_attention = resolve(cfg.model.attention, backend)
+    model = dataclasses.replace(
+        cfg.model,
+        # The target is an accelerator: bfloat16 compute; fused kernels planned as blockwise.
+        dtype="bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype,
+        attention="blockwise" if target_attention in ("cudnn", "splash") else target_attention,
+    )
+    cfg = dataclasses.replace(cfg, model=model)
     mesh = train_lib.setup_mesh(cfg)
     t_cfg = cfg.train
     accum = t_cfg.grad_accum_steps
@@ -85,14 +95,16 @@ def plan(cfg, accelerator: str) -> dict:
             cfg.data.seq_len,
             cfg.model.vocab_size,
             mesh=mesh,
-            backend="tpu" if accelerator.startswith("tpu") else "gpu",
+            backend=backend,
         )
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss_chunk_len=chunk))
 
     t0 = time.perf_counter()
     abstract = jax.eval_shape(lambda: train_lib.create_state(cfg))
     shardings = train_lib.state_shardings(cfg, mesh)
-    step = train_lib.compile_train_step(cfg, mesh, shardings)
+    # Document masking: any id serves, the compiled step's shapes do not depend on it.
+    eod_id = 0 if cfg.data.document_masking else None
+    step = train_lib.compile_train_step(cfg, mesh, shardings, eod_id=eod_id)
     with jax.set_mesh(mesh):
         lowered = step.lower(abstract, jax.ShapeDtypeStruct(batch_shape, jnp.int32))
     t_lower = time.perf_counter() - t0
@@ -124,6 +136,7 @@ def plan(cfg, accelerator: str) -> dict:
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
         "accelerator": accelerator,
+        "attention": {"target": target_attention, "planned": cfg.model.attention},
         "parameters": n_params,
         "tokens_per_step": tokens,
         "per_device": {
@@ -158,6 +171,7 @@ def format_report(r: dict) -> str:
         f"plan: {r['parameters']:,} parameters on {r['devices']} x {r['accelerator']} "
         f"(mesh {r['sharding']}), {r['tokens_per_step']:,} tokens/step",
         f"  compile: lower {r['lower_s']:.1f}s, compile {r['compile_s']:.1f}s",
+        f"  attention: {_attention_line(r['attention'])}",
         "  per device:",
         f"    parameters        {g(d['params_bytes'])}",
         f"    optimizer state   {g(d['opt_state_bytes'])}",
@@ -172,6 +186,12 @@ def format_report(r: dict) -> str:
         + (f"  ({' and '.join(loops)} counted once)" if loops else ""),
     ]
     return "\n".join(lines)
+
+
+def _attention_line(a: dict) -> str:
+    if a["target"] == a["planned"]:
+        return a["planned"]
+    return f"{a['target']} on the target, planned as {a['planned']} (same O(T) memory)"
 
 
 def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:

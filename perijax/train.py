@@ -23,6 +23,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from perijax import attention as attention_lib
 from perijax import checkpoint as checkpoint_lib
 from perijax import data as data_lib
 from perijax import sharding as sharding_lib
@@ -149,13 +150,18 @@ def init_state(cfg: Config, mesh: Mesh) -> TrainState:
 
 
 def compile_train_step(
-    cfg: Config, mesh: Mesh, shardings: TrainState | None = None, telemetry_on: bool = False
+    cfg: Config,
+    mesh: Mesh,
+    shardings: TrainState | None = None,
+    telemetry_on: bool = False,
+    eod_id: int | None = None,
 ):
-    """`train_step` jitted with explicit in/out shardings and the state donated."""
+    """`train_step` jitted with explicit in/out shardings and the state donated; `eod_id`: the
+    end-of-document token when `data.document_masking` is on (`document_eod`)."""
     shardings = shardings or state_shardings(cfg, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
-        functools.partial(train_step, telemetry_on=telemetry_on),
+        functools.partial(train_step, telemetry_on=telemetry_on, eod_id=eod_id),
         in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 3)),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
@@ -163,25 +169,54 @@ def compile_train_step(
     )
 
 
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, tokens: jax.Array, collect: bool = False):
-    """(mean next-token cross-entropy, per-layer stats or None). tokens: [B, T + 1] int32."""
+def document_eod(cfg: Config, data: data_lib.Datasets) -> int | None:
+    """The end-of-document id that `data.document_masking` splits packed rows at (None: off)."""
+    if not cfg.data.document_masking:
+        return None
+    if data.eod_id is None:
+        raise ConfigError(
+            f"data.document_masking=true needs documents that end with an end-of-document "
+            f"token, but data '{data.name}' has none: prepare it with one or turn masking off"
+        )
+    return data.eod_id
+
+
+def segment_ids(tokens: jax.Array, eod_id: int | None) -> jax.Array | None:
+    """Document ids of the model inputs `tokens` [B, T] (None when masking is off)."""
+    return None if eod_id is None else attention_lib.document_ids(tokens, eod_id)
+
+
+def loss_fn(
+    params: nnx.State,
+    graphdef: nnx.GraphDef,
+    tokens: jax.Array,
+    collect: bool = False,
+    eod_id: int | None = None,
+):
+    """(mean next-token cross-entropy, per-layer stats or None). tokens: [B, T + 1] int32;
+    `eod_id`: attend within documents only (`data.document_masking`)."""
     model = nnx.merge(graphdef, params)
-    out = model.loss(tokens[:, :-1], tokens[:, 1:], collect_stats=collect)
+    inputs = tokens[:, :-1]
+    out = model.loss(
+        inputs, tokens[:, 1:], collect_stats=collect, segment_ids=segment_ids(inputs, eod_id)
+    )
     total, count, stats = out if collect else (*out, None)
     return total / count, stats
 
 
-def loss_and_grads(state: TrainState, batch: jax.Array, collect: bool = False):
+def loss_and_grads(
+    state: TrainState, batch: jax.Array, collect: bool = False, eod_id: int | None = None
+):
     """Mean loss, gradient (and with `collect`, per-layer stats) over `batch` [A, B/A, T + 1],
     accumulated over the A micro-batches with a scan (all have the same token count, so the mean
     of the micro-batch means is the full-batch mean). Returns (loss, grads[, stats])."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if batch.shape[0] == 1:
-        (loss, stats), grads = grad_fn(state.params, state.graphdef, batch[0], collect)
+        (loss, stats), grads = grad_fn(state.params, state.graphdef, batch[0], collect, eod_id)
         return (loss, grads, stats) if collect else (loss, grads)
 
     def accumulate(carry, micro_batch):
-        (loss, stats), grads = grad_fn(state.params, state.graphdef, micro_batch, collect)
+        (loss, stats), grads = grad_fn(state.params, state.graphdef, micro_batch, collect, eod_id)
         return jax.tree.map(jnp.add, carry, (loss, grads)), stats
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
@@ -273,7 +308,7 @@ def _count_spikes(state: TrainState, loss: jax.Array, grad_norm: jax.Array) -> d
 
 
 def train_step(
-    state: TrainState, batch: jax.Array, telemetry_on: bool = False
+    state: TrainState, batch: jax.Array, telemetry_on: bool = False, eod_id: int | None = None
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update from the global batch laid out [B/A, A, T + 1]: micro-batch a is
     `batch[:, a]`. Axis 0 is the sharded batch axis, so every device holds rows of every
@@ -281,8 +316,9 @@ def train_step(
 
     `telemetry_on` (static) adds the per-layer stability metrics; the trainer compiles that
     variant separately and runs it on log steps only, so other steps pay nothing for it.
+    `eod_id` (static): document masking at that end-of-document token (`document_eod`).
     """
-    out = loss_and_grads(state, batch.swapaxes(0, 1), telemetry_on)
+    out = loss_and_grads(state, batch.swapaxes(0, 1), telemetry_on, eod_id)
     loss, grads = out[:2]
     grad_norm = global_norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -330,10 +366,13 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: jax.Array) -> dict[str, jax.Array]:
+def eval_step(
+    state: TrainState, batch: jax.Array, eod_id: int | None = None
+) -> dict[str, jax.Array]:
     """Summed loss and token count of one batch [B, T + 1] (summed so batches combine exactly)."""
     model = nnx.merge(state.graphdef, state.params)
-    total, count = model.loss(batch[:, :-1], batch[:, 1:])
+    inputs = batch[:, :-1]
+    total, count = model.loss(inputs, batch[:, 1:], segment_ids=segment_ids(inputs, eod_id))
     return {"loss_sum": total, "tokens": count}
 
 
@@ -459,6 +498,7 @@ def train(
         )
     except ValueError as e:  # e.g. data.seq_len longer than a tiny corpus allows
         raise ConfigError(f"data '{data.name}': {e}") from e
+    eod_id = document_eod(cfg, data)
 
     # --- workdir: the resolved config first, so a run is always identifiable.
     workdir = Path(workdir)
@@ -484,17 +524,21 @@ def train(
         f"norm={cfg.model.norm_type}, data={data.name} ({data.train_tokens:,} train tokens)"
     )
     log(f"mesh: {sharding_lib.describe(mesh)} over {n_processes} process(es); {source}")
+    log(
+        f"attention: {attention_lib.describe(cfg.model.attention)}"
+        + ("" if eod_id is None else f", within documents (end-of-document id {eod_id})")
+    )
 
     # --- compile: explicit shardings; donation lets XLA update the state in place.
     shardings = state_shardings(cfg, mesh)
-    step_fn = compile_train_step(cfg, mesh, shardings)
+    step_fn = compile_train_step(cfg, mesh, shardings, eod_id=eod_id)
     log_step_fn = (  # one compiled step serves both when telemetry is off
-        compile_train_step(cfg, mesh, shardings, telemetry_on=True)
+        compile_train_step(cfg, mesh, shardings, telemetry_on=True, eod_id=eod_id)
         if cfg.telemetry.enabled
         else step_fn
     )
     eval_fn = jax.jit(
-        eval_step,
+        functools.partial(eval_step, eod_id=eod_id),
         in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 2)),
         compiler_options=step_compiler_options(),
     )

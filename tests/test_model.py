@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from perijax.attention import softmax_attention
 from perijax.config import ModelConfig
-from perijax.model import Block, Transformer, count_params, rotary_tables, softmax_attention
+from perijax.model import Block, Transformer, count_params, rotary_tables
 
 PLACEMENTS = ["pre", "post", "peri", "output"]
 
