@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perijax import tuning
 from perijax.config import ConfigError
 
 # The kernels `auto` chooses per backend; everything else runs the XLA path.
@@ -173,9 +174,12 @@ def _group(q: jax.Array, kv_heads: int) -> jax.Array:
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
-    """The XLA path: `softmax_attention` over grouped heads; mask broadcasts to
-    [B, K, G, T, S]."""
-    out = softmax_attention(_group(q, k.shape[2]), k, v, mask)
+    """The XLA path: softmax attention over grouped heads; mask broadcasts to [B, K, G, T, S].
+    Its backward pass is `softmax_attention`'s written-out one where `perijax.tuning` says so
+    (CPU), autodiff of the same forward pass elsewhere."""
+    written_out = tuning.current().written_out_attention_backward  # the one backend switch
+    fn = softmax_attention if written_out else _softmax_attention_autodiff
+    out = fn(_group(q, k.shape[2]), k, v, mask)
     return out.reshape(q.shape)
 
 
@@ -216,6 +220,10 @@ def _softmax_attention_bwd(residuals, g):
 
 
 softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def _softmax_attention_autodiff(q, k, v, mask):
+    return _softmax_attention_fwd(q, k, v, mask)[0]
 
 
 # --- blockwise: FlashAttention-2 (Dao, arXiv 2307.08691) in plain JAX ----------------------------

@@ -338,9 +338,9 @@ def bench(
     import jaxlib
     import numpy as np
 
-    from perijax import hostmem, xla_options
     from perijax import sharding as sharding_lib
     from perijax import train as train_lib
+    from perijax import tuning
     from perijax.flops import flops_per_token, weight_matmul_shapes
     from perijax.model import check_backend, compute_dtype
 
@@ -399,8 +399,8 @@ def bench(
             "processes": jax.process_count(),
             "host_cpu": _cpu_model(),
             "host_cpu_count": os.cpu_count(),
-            "host_malloc_tuned": hostmem.is_tuned(),
-            "step_compiler_options": xla_options.step_compiler_options() or {},
+            "host_malloc_tuned": tuning.host_tuned(),
+            "step_compiler_options": tuning.compiler_options() or {},
         },
         "mesh": dict(mesh.shape),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -572,9 +572,11 @@ def _malloc_note(dev: dict[str, Any]) -> str:
     if dev["platform"] != "cpu" or "host_malloc_tuned" not in dev:
         return ""
     fusions = dev.get("step_compiler_options", {}).get("xla_cpu_experimental_ynn_fusion_type")
-    fusion_note = "; library fusions: matmuls only (perijax/xla_options.py)" if fusions else ""
+    fusion_note = (
+        "; library fusions: matmuls only (perijax/tuning/cpu_compiler.py)" if fusions else ""
+    )
     if dev["host_malloc_tuned"]:
-        return "; host malloc tuned (perijax/hostmem.py)" + fusion_note
+        return "; host malloc tuned (perijax/tuning/cpu_malloc.py)" + fusion_note
     return (
         "; host malloc NOT tuned: each step faults its temporaries in (docs/performance.md)"
         + fusion_note
@@ -737,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from perijax.hostmem import tune_malloc
+    from perijax.tuning import tune_host
 
-    tune_malloc()  # as the `perijax` command does (perijax/hostmem.py)
+    tune_host()  # as the `perijax` command does (perijax/tuning)
     sys.exit(main())

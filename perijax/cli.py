@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the real command line (not a library call)
         argv = sys.argv[1:]
-        from perijax.hostmem import tune_malloc
+        from perijax.tuning import tune_host
 
-        tune_malloc()  # before any thread allocates (perijax/hostmem.py)
+        tune_host()  # before any thread allocates (perijax/tuning/cpu_malloc.py)
         if argv[:1] in ([], ["train"]):
             from perijax.signals import install_signal_thread
 

@@ -156,7 +156,7 @@ def evaluate_checkpoint(
 
     from perijax import sharding as sharding_lib
     from perijax.inference import load_model
-    from perijax.xla_options import step_compiler_options
+    from perijax.tuning import compiler_options
 
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -220,7 +220,7 @@ def evaluate_checkpoint(
         functools.partial(eval_sums, graphdef, eod_id=eod_id),
         in_shardings=(None, batch_sharding, batch_sharding),
         out_shardings=NamedSharding(mesh, PartitionSpec()),
-        compiler_options=step_compiler_options(),
+        compiler_options=compiler_options(),
     )
     log(
         f"eval: step {loaded.step} of {loaded.path} on {data.name} ({split}): {num_batches:,} "

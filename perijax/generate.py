@@ -102,11 +102,9 @@ def _generate(
 def _jitted_generate():
     import jax
 
-    from perijax.xla_options import step_compiler_options
+    from perijax.tuning import compiler_options
 
-    return jax.jit(
-        _generate, static_argnums=(0, 5, 6, 7, 8), compiler_options=step_compiler_options()
-    )
+    return jax.jit(_generate, static_argnums=(0, 5, 6, 7, 8), compiler_options=compiler_options())
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from perijax import sharding as sharding_lib
 from perijax.config import ConfigError
-from perijax.xla_options import step_compiler_options
+from perijax.tuning import compiler_options
 
 __all__ = ["PerijaxLM", "bucket_lengths", "token_logprobs", "main"]
 
@@ -178,7 +178,7 @@ class PerijaxLM(TemplateLM):
         self._score = jax.jit(
             functools.partial(token_logprobs, graphdef),
             out_shardings=NamedSharding(mesh, PartitionSpec()),
-            compiler_options=step_compiler_options(),
+            compiler_options=compiler_options(),
         )
         self._buckets = bucket_lengths(self._max_length)
 

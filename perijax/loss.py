@@ -32,20 +32,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from perijax import tuning
 from perijax.sharding import constrain, shards
 
-# Logits elements per chunk for `auto_chunk_len`. CPU: 16 MiB of float32, the fastest measured
-# for configs/small.py (docs/performance.md); accelerators: 1 GiB, large matmuls.
-CPU_BUDGET = 2**22
-ACCELERATOR_BUDGET = 2**28
 MIN_CHUNK_TOKENS = 256  # below this the matmuls get too thin to run well
 
 
 def auto_chunk_len(batch: int, seq_len: int, vocab: int, backend: str | None = None) -> int:
     """The longest divisor c of `seq_len` with batch * c * vocab within the backend's budget of
     logits elements, but at least MIN_CHUNK_TOKENS tokens (batch * c) where `seq_len` allows."""
-    backend = backend or jax.default_backend()
-    budget = CPU_BUDGET if backend == "cpu" else ACCELERATOR_BUDGET
+    budget = tuning.current(backend).loss_chunk_budget  # logits elements per chunk
     divisors = [c for c in range(1, seq_len + 1) if seq_len % c == 0]
     fits = [c for c in divisors if batch * c * vocab <= budget]
     best = fits[-1] if fits else 1

@@ -23,6 +23,7 @@ from flax import nnx
 
 from perijax import attention as attention_lib
 from perijax import loss as loss_lib
+from perijax import tuning
 from perijax.config import ModelConfig
 from perijax.norms import NORM_ROLES, Norm, residual
 from perijax.sharding import constrain
@@ -105,14 +106,15 @@ class Rotary(NamedTuple):
 def rotary_tables(positions: jax.Array | np.ndarray, head_dim: int, theta: float) -> Rotary:
     """`Rotary` for positions [T] or [B, T]: frequencies theta^(-i / (Dh/2)), i < Dh/2.
 
-    NumPy positions (training and scoring: 0..T-1) give constant tables, computed here in
-    float64 and rounded once. Computed inside the jitted step instead, XLA:CPU fuses the sin and
-    cos into every rotary multiply that reads them, forward and backward, and evaluates them
-    once per batch row, head and layer (an optimization barrier does not stop it: the CPU
-    pipeline removes barriers before fusion); on configs/small.py about 0.45 s of a 4.5 s step.
-    Traced positions (decoding) compute the tables in float32 on the device."""
+    On CPU (`perijax.tuning`), NumPy positions (training and scoring: 0..T-1) give constant
+    tables, computed here in float64 and rounded once. Computed inside the jitted step instead,
+    XLA:CPU fuses the sin and cos into every rotary multiply that reads them, forward and
+    backward, and evaluates them once per batch row, head and layer (an optimization barrier
+    does not stop it: the CPU pipeline removes barriers before fusion); on configs/small.py
+    about 0.45 s of a 4.5 s step. Elsewhere, and for traced positions (decoding, documents), the
+    tables are computed in float32 in the step."""
     half = head_dim // 2
-    if isinstance(positions, np.ndarray):
+    if isinstance(positions, np.ndarray) and tuning.current().constant_rotary_tables:
         freq = float(theta) ** (-np.arange(half, dtype=np.float64) / half)
         angle = positions.astype(np.float64)[..., None] * freq
         return Rotary(*(jnp.asarray(t, jnp.float32) for t in (np.sin(angle), np.cos(angle))))
@@ -440,7 +442,8 @@ class Transformer(nnx.Module):
         per-layer telemetry, for inputs `tokens` [B, T] and their `targets` [B, T]; `mask` [B, T]
         marks the positions that count (None: all); `segment_ids` [B, T] as in `__call__`. The
         output head and the loss run in chunks of `ModelConfig.loss_chunk_len` positions without
-        whole-batch logits (`perijax.loss`); the result equals `metrics.cross_entropy(self(tokens), targets, mask)`."""
+        whole-batch logits (`perijax.loss`); the result equals
+        `metrics.cross_entropy(self(tokens), targets, mask)`."""
         x, stats = self.hidden(tokens, collect_stats=collect_stats, segment_ids=segment_ids)
         b, t = tokens.shape
         vocab_first = self.lm_head is None

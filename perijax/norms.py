@@ -10,13 +10,13 @@ squares loses the precision the placements are being compared on.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from perijax import tuning
 from perijax.config import NORM_TYPES, PLACEMENTS
 
 # Which norms each placement creates around one sublayer, named by the tensor they normalize
@@ -37,8 +37,9 @@ class Norm(nnx.Module):
     layernorm: y = (x - mean(x)) / sqrt(var(x) + eps) * scale + bias
 
     With `learnable=False` the module has no parameters (scale fixed to 1, no bias).
-    Input and output shapes: [..., dim]; the output has the input's dtype. RMSNorm runs through
-    `rms_norm` (its backward pass written out), LayerNorm through autodiff with `scale_rows`.
+    Input and output shapes: [..., dim]; the output has the input's dtype. Differentiated by
+    autodiff, except where `perijax.tuning` selects the written-out backward passes of
+    `perijax.tuning.cpu_kernels` (on CPU).
     """
 
     def __init__(
@@ -64,15 +65,17 @@ class Norm(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.norm_type == "rmsnorm":
-            scale = self.scale[...] if self.scale is not None else jnp.ones(x.shape[-1])
-            return rms_norm(x, scale.astype(jnp.float32), self.eps)
+        scale = None if self.scale is None else self.scale[...].astype(jnp.float32)
+        kernels = tuning.norm_kernels()  # the one backend switch: None = autodiff
+        if kernels and self.norm_type == "rmsnorm":
+            ones = jnp.ones(x.shape[-1])
+            return kernels.rms_norm(x, ones if scale is None else scale, self.eps)
         h = x.astype(jnp.float32)
         if self.norm_type == "layernorm":
             h = h - jnp.mean(h, axis=-1, keepdims=True)
         h = h * inv_rms(h, self.eps)
-        if self.scale is not None:
-            h = scale_rows(h, self.scale[...].astype(jnp.float32))
+        if scale is not None:
+            h = kernels.scale_rows(h, scale) if kernels else h * scale
         if self.bias is not None:
             h = h + self.bias[...].astype(jnp.float32)
         return h.astype(x.dtype)
@@ -82,85 +85,6 @@ def inv_rms(h: jax.Array, eps: float) -> jax.Array:
     """1 / sqrt(mean(h^2) + eps) over the last axis of a float32 h, kept as [..., 1]: the one
     statistic of both norm types (LayerNorm applies it to the centred input)."""
     return jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, `x / sqrt(mean(x^2) + eps) * scale` in float32, returned in
-    x's dtype. x: [..., d]; scale: [d] float32.
-
-    The forward pass is the formula. The backward pass is written out to move less memory than
-    autodiff's: with r = 1 / sqrt(mean(x^2) + eps) saved from the forward pass (one float32 per
-    row) and g the output gradient,
-
-        dx = r * g * scale - x * r^3 * sum_d(g * scale * x) / d
-        dscale = sum_rows(r * g * x)
-
-    and both sums are products (`dot_general`, float32) with the one float32 array g * x, the
-    only full-size temporary; autodiff materialized three. XLA:CPU cannot fuse an elementwise
-    producer into a reduction, so each such temporary is a write and a read of the whole
-    activation in float32 (docs/performance.md)."""
-    return _rms_norm_fwd(x, scale, eps)[0]
-
-
-def _rms_norm_fwd(x, scale, eps):
-    h = x.astype(jnp.float32)
-    r = inv_rms(h, eps)
-    return (h * r * scale).astype(x.dtype), (x, scale, r)
-
-
-def _rms_norm_bwd(eps, residuals, g):
-    del eps
-    x, scale, r = residuals
-    h, g = x.astype(jnp.float32), g.astype(jnp.float32)
-    gh = g * h
-    last, lead = h.ndim - 1, tuple(range(h.ndim - 1))
-    c = _dot(gh, scale, ((last,), (0,)))[..., None]  # sum_d g * scale * x, per row
-    dscale = _dot(r[..., 0], gh, (lead, lead))  # sum_rows r * g * x
-    dx = r * (g * scale) - h * (r * r * r) * (c / h.shape[-1])
-    return dx.astype(x.dtype), dscale
-
-
-rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
-
-
-def _dot(a: jax.Array, b: jax.Array, contract: tuple) -> jax.Array:
-    """A float32 contraction of a and b over the axes `contract` = (a's, b's), as a dot. HIGHEST:
-    float32 on every backend (TPUs round the operands to bfloat16, GPUs to TensorFloat-32, by
-    default)."""
-    return jax.lax.dot_general(
-        a,
-        b,
-        (contract, ((), ())),
-        precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )
-
-
-@jax.custom_vjp
-def scale_rows(h: jax.Array, scale: jax.Array) -> jax.Array:
-    """`h * scale` for h [..., d] and scale [d], float32 (LayerNorm's scale).
-
-    Differentiated as autodiff would, except that the scale gradient's sum over every row,
-    sum_rows(g * h), is a vector-matrix product ones @ (g * h) instead of a reduction over the
-    leading axes. XLA:CPU splits such a reduction into a strided reduce-window and a reduce, about
-    5 ms per norm of configs/small.py; the dot takes about 1 ms (docs/performance.md). The result
-    is the same sum, accumulated in float32."""
-    return h * scale
-
-
-def _scale_rows_fwd(h, scale):
-    return h * scale, (h, scale)
-
-
-def _scale_rows_bwd(residuals, g):
-    h, scale = residuals
-    lead = tuple(range(h.ndim - 1))  # contracted in place: no reshape of sharded axes
-    dscale = _dot(jnp.ones(h.shape[:-1], h.dtype), g * h, (lead, lead))
-    return g * scale, dscale.astype(scale.dtype)
-
-
-scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
 
 
 def residual(

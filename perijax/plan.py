@@ -71,6 +71,7 @@ def plan(cfg, accelerator: str) -> dict:
 
     from perijax import sharding as sharding_lib
     from perijax import train as train_lib
+    from perijax import tuning
     from perijax.attention import resolve
     from perijax.flops import flops_per_token
     from perijax.loss import chunk_len_for
@@ -104,8 +105,8 @@ def plan(cfg, accelerator: str) -> dict:
     shardings = train_lib.state_shardings(cfg, mesh)
     # Document masking: any id serves, the compiled step's shapes do not depend on it.
     eod_id = 0 if cfg.data.document_masking else None
-    step = train_lib.compile_train_step(cfg, mesh, shardings, eod_id=eod_id)
-    with jax.set_mesh(mesh):
+    with tuning.planning_for(backend), jax.set_mesh(mesh):  # the target's choices, not the CPU's
+        step = train_lib.compile_train_step(cfg, mesh, shardings, eod_id=eod_id)
         lowered = step.lower(abstract, jax.ShapeDtypeStruct(batch_shape, jnp.int32))
     t_lower = time.perf_counter() - t0
     compiled = lowered.compile()

@@ -40,7 +40,7 @@ from perijax.model import Transformer, check_backend, compute_dtype
 from perijax.norms import NORM_ROLES
 from perijax.optim import lr_schedule, make_optimizer
 from perijax.signals import StopSignal
-from perijax.xla_options import step_compiler_options
+from perijax.tuning import compiler_options
 
 
 class TrainingDiverged(RuntimeError):
@@ -165,7 +165,7 @@ def compile_train_step(
         in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 3)),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
-        compiler_options=step_compiler_options(),
+        compiler_options=compiler_options(),
     )
 
 
@@ -540,7 +540,7 @@ def train(
     eval_fn = jax.jit(
         functools.partial(eval_step, eod_id=eod_id),
         in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 2)),
-        compiler_options=step_compiler_options(),
+        compiler_options=compiler_options(),
     )
     batch_sharding = sharding_lib.batch_sharding(mesh, 3)
     global_shape = (micro_batch, accum, seq_len + 1)

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from perijax import cli, xla_options
+from perijax import cli
 from perijax import train as train_lib
+from perijax.tuning import cpu_compiler as xla_options
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {

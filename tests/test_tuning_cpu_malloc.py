@@ -1,4 +1,4 @@
-"""perijax.hostmem: XLA:CPU's per-step temporaries stay mapped between executions once
+"""perijax.tuning.cpu_malloc: XLA:CPU's per-step temporaries stay mapped between executions once
 `tune_malloc()` is applied, and the settings apply only where they should."""
 
 import json
@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 
-from perijax import hostmem
+from perijax.tuning import cpu_malloc as hostmem
 
 # A jitted function whose 256 MiB temporary (the [8192, 8192] float32 `x @ x.T`) XLA allocates
 # and frees on every call; minor page faults per call tell whether the pages were reused.
 SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
-    from perijax import hostmem
+    from perijax.tuning import cpu_malloc as hostmem
     hostmem.RELEASE_MIN_BYTES = 1 << 50  # the allocator settings alone (the releaser is below)
     applied = hostmem.tune_malloc()
     import jax, jax.numpy as jnp
@@ -97,7 +97,7 @@ def test_tune_malloc_off_switch_and_bad_value(monkeypatch, capsys):
 RELEASE_SCRIPT = textwrap.dedent(
     """
     import json, time
-    from perijax import hostmem
+    from perijax.tuning import cpu_malloc as hostmem
     hostmem.RELEASE_WINDOW_S = 1.0
     assert hostmem.tune_malloc()
     import numpy as np
@@ -170,7 +170,7 @@ def test_releaser_learns_what_the_workload_takes_back():
 SIGNAL_SCRIPT = textwrap.dedent(
     """
     import signal
-    from perijax import hostmem
+    from perijax.tuning import cpu_malloc as hostmem
     assert hostmem.tune_malloc()
     def blocked(tid):
         with open(f"/proc/self/task/{tid}/status") as f:

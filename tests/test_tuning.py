@@ -1,0 +1,70 @@
+"""Backend tuning (perijax/tuning): one decision point per backend, and the choices made for one
+backend compute the same function as the library/autodiff versions used elsewhere."""
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from perijax import tuning
+from perijax.config import ModelConfig
+from perijax.model import Transformer
+
+PLACEMENTS = ["pre", "post", "peri", "output"]
+
+
+def test_one_decision_per_backend():
+    assert tuning.current("cpu") is tuning.CPU
+    assert tuning.current("gpu") is tuning.current("tpu") is tuning.ACCELERATOR
+    assert tuning.backend() == "cpu" and tuning.current() is tuning.CPU
+    with tuning.planning_for("gpu"):
+        assert tuning.backend() == "gpu" and tuning.current() is tuning.ACCELERATOR
+        assert tuning.norm_kernels() is None and tuning.compiler_options() is None
+        with tuning.planning_for("cpu"):
+            assert tuning.current() is tuning.CPU
+    assert tuning.current() is tuning.CPU and tuning.norm_kernels() is not None
+
+
+def test_cpu_only_modules_sit_behind_the_tuning_package():
+    """Only perijax/tuning imports its CPU modules; the rest of the library asks `tuning`."""
+    root = Path(tuning.__file__).parent.parent
+    pattern = re.compile(r"\b(cpu_malloc|cpu_compiler|cpu_kernels|hostmem|xla_options)\b")
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for path in root.rglob("*.py")
+        if "tuning" not in path.parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "import" in line and pattern.search(line)
+    ]
+    assert offenders == []
+
+
+def _loss_and_grads(placement: str, norm_type: str):
+    cfg = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                      d_ff=64, ln_placement=placement, norm_type=norm_type, dtype="float32",
+                      attention="xla")  # fmt: skip
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, size=(2, 17)), jnp.int32)
+
+    def loss(params):
+        total, count = nnx.merge(graphdef, params).loss(tokens[:, :-1], tokens[:, 1:])
+        return total / count
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_accelerator_choices_compute_the_cpu_function(placement, norm_type):
+    """Loss and every gradient of the model traced with the GPU/TPU choices (autodiff norms and
+    attention, rotary tables in the step) equal those with the CPU choices."""
+    cpu_loss, cpu_grads = _loss_and_grads(placement, norm_type)
+    with tuning.planning_for("gpu"):
+        acc_loss, acc_grads = _loss_and_grads(placement, norm_type)
+    assert abs(float(cpu_loss) - float(acc_loss)) < 1e-5
+    for a, b in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(acc_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
