@@ -338,6 +338,7 @@ def bench(
     import jaxlib
     import numpy as np
 
+    from perijax import attention as attention_lib
     from perijax import sharding as sharding_lib
     from perijax import train as train_lib
     from perijax import tuning
@@ -363,7 +364,8 @@ def bench(
         )
     log(
         f"placements {', '.join(placements)} on {sharding_lib.describe(mesh)}: {warmup} warmup + "
-        f"{steps} timed steps x {repeats} repeat(s)"
+        f"{steps} timed steps x {repeats} repeat(s); attention "
+        f"{attention_lib.describe(cfg.model.attention)}"
     )
 
     # --- peak
@@ -382,6 +384,7 @@ def bench(
     )
     resolved = to_dict(cfg)
     resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name
+    resolved["model"]["attention"] = attention_lib.resolve(cfg.model.attention)
     header = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "complete": False,

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Train-step benchmark of the paper models (configs/paper.py: 400M and 1.5B) for every LayerNorm
-# placement, in bfloat16, on an NVIDIA GPU machine (one H100 or H200), with perijax's GPU XLA
-# settings (perijax/launchers/slurm.py). docs/performance.md describes the numbers.
+# The first accelerator measurement of perijax, on one NVIDIA GPU machine (H100 or H200), in three
+# self-checking stages; docs/performance.md describes the numbers:
+#
+#   1. attention agreement: cuDNN flash attention and the blockwise kernel against the XLA path,
+#      loss and every gradient of a 2-layer model with the 400M model's heads, bfloat16,
+#      T = 2,048 (scripts/attention_check.py); a mismatch stops the script;
+#   2. `perijax bench` of the 400M model, Pre-LN and Peri-LN, at the paper's sequence length
+#      (8,192) with model.attention=auto (cuDNN), at the largest micro-batch per GPU of
+#      BATCHES_400M that runs (an out-of-memory try goes on to the next);
+#   3. a 1.5B fit check: Peri-LN, a few steps at the largest micro-batch of BATCHES_1_5B that runs.
 #
 # The GPU machine has jax (CUDA), flax, optax and orbax but no network and no ml-collections.
 # Before copying the repository there, fetch the missing wheel into .whl/ (Python 3.12, x86-64):
@@ -15,32 +22,37 @@
 #
 #   OUT=/path/to/results bash scripts/device_bench.sh
 #
-# Writes to $OUT (default runs/device-bench): env.txt (GPU, versions, flags), bench-<size>.log
-# and bench-<size>.json per model size (the JSON is rewritten after every placement, so a run cut
-# short keeps what it measured) and summary.txt. Estimated time on one H100 (not yet measured):
-# about 5 minutes (start-up ~30 s; per size ~15 s plus, per placement, ~30 s to initialize and
-# compile and ~10 s of steps); each size is capped at PER_SIZE_TIMEOUT seconds, so the script
-# ends within about 8 minutes.
+# Writes to $OUT (default runs/device-bench): env.txt (GPU, versions, flags), attention.json and
+# .log, bench-<size>-b<batch>.log/.json per try (the JSON is rewritten after every placement, so
+# a run cut short keeps what it measured), chosen.txt and summary.txt. Estimated time on one
+# H100/H200 (not yet measured): 6-8 minutes; each bench try is capped at PER_TRY_TIMEOUT seconds.
 #
-# Settings (environment variables, defaults in brackets): SIZES ["400m 1.5b"],
-# PLACEMENTS [pre,peri,post,output], WARMUP [3], STEPS [10], SEQ_LEN [8192], BATCH_400M [2] and
-# BATCH_1_5B [1] sequences per GPU (docs/scaling.md: ~35 / ~42 GiB planned per H100),
-# ATTENTION [xla; cudnn for cuDNN flash attention], EXTRA_XLA_FLAGS [], BENCH_ARGS [] (more
-# `perijax bench` arguments, e.g. "--repeats 2"), WHEELS [.whl], PYTHON [python3],
-# PER_SIZE_TIMEOUT [200].
+# It fails (non-zero exit, "device_bench: error: ...") when the backend is not a GPU, a kernel
+# disagrees with the XLA path, no micro-batch of a size runs, model.attention=auto did not run
+# cudnn, or a measured number is impossible (MFU outside (0, 100%], a non-finite loss).
+#
+# Settings (environment variables, defaults in brackets): BATCHES_400M ["16 8 4 2 1"] and
+# BATCHES_1_5B ["4 2 1"] sequences per GPU, PLACEMENTS [pre,peri], WARMUP [3], STEPS [10],
+# SEQ_LEN [8192], ATTENTION [auto], REMAT [the config's, full], EXTRA_XLA_FLAGS [], BENCH_ARGS []
+# (more `perijax bench` arguments), WHEELS [.whl], PYTHON [python3], PER_TRY_TIMEOUT [240],
+# SKIP_1_5B [0].
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-runs/device-bench}"
-SIZES="${SIZES:-400m 1.5b}"
-PLACEMENTS="${PLACEMENTS:-pre,peri,post,output}"
+BATCHES_400M="${BATCHES_400M:-16 8 4 2 1}"
+BATCHES_1_5B="${BATCHES_1_5B:-4 2 1}"
+PLACEMENTS="${PLACEMENTS:-pre,peri}"
 WARMUP="${WARMUP:-3}"
 STEPS="${STEPS:-10}"
 SEQ_LEN="${SEQ_LEN:-8192}"
-ATTENTION="${ATTENTION:-xla}"
+ATTENTION="${ATTENTION:-auto}"
+REMAT="${REMAT:-}"
 WHEELS="${WHEELS:-.whl}"
 PYTHON="${PYTHON:-python3}"
-PER_SIZE_TIMEOUT="${PER_SIZE_TIMEOUT:-200}"
+PER_TRY_TIMEOUT="${PER_TRY_TIMEOUT:-240}"
+SKIP_1_5B="${SKIP_1_5B:-0}"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/perijax-jax-cache}"
 SITE="${SITE:-/tmp/perijax-site}"
 read -ra bench_args <<<"${BENCH_ARGS:-}"
 
@@ -128,59 +140,100 @@ fi
   echo "XLA_FLAGS=${XLA_FLAGS:-}"
   echo "XLA_CLIENT_MEM_FRACTION=${XLA_CLIENT_MEM_FRACTION:-}" \
     "XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-}"
-  echo "GPUs: $NGPU; sizes: $SIZES; placements: $PLACEMENTS; warmup $WARMUP, steps $STEPS"
-  echo "seq_len $SEQ_LEN; attention $ATTENTION"
+  echo "GPUs: $NGPU; placements: $PLACEMENTS; warmup $WARMUP, steps $STEPS"
+  echo "seq_len $SEQ_LEN; attention $ATTENTION; remat ${REMAT:-config default}"
+  echo "micro-batches per GPU tried: 400M $BATCHES_400M; 1.5B $BATCHES_1_5B"
 } | tee -a "$ENV_TXT"
 
-# --- the benchmark: one process per model size (a failure or timeout costs only that size)
-failed=()
-for size in $SIZES; do
-  case "$size" in
-    400m) per_gpu="${BATCH_400M:-2}" ;;
-    1.5b) per_gpu="${BATCH_1_5B:-1}" ;;
-    *) per_gpu="${BATCH:-1}" ;;
-  esac
-  say "perijax bench configs/paper.py:size=$size, $per_gpu sequence(s) of $SEQ_LEN per GPU"
+# --- 1. the attention kernels agree with the XLA path (bfloat16)
+say "attention: cudnn and blockwise against xla"
+set +e
+"$PYTHON" -u scripts/attention_check.py --kernels cudnn,blockwise --seq-len 2048 \
+  --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
+rc=${PIPESTATUS[0]}
+set -e
+((rc == 0)) || die "attention kernels disagree or cannot run (exit $rc; $OUT/attention.log)"
+
+# --- 2 and 3: perijax bench at the largest micro-batch that runs. bench records a placement that
+# failed (out of memory) in its JSON and goes on; a try counts only if every placement ran.
+remat_args=()
+if [[ -n "$REMAT" ]]; then remat_args=(--config.model.remat="$REMAT"); fi
+try_bench() { # size placements warmup steps per_gpu -> 0 if every placement ran
+  local size=$1 placements=$2 warmup=$3 steps=$4 per_gpu=$5 rc
+  local name="bench-$size-b$per_gpu"
+  say "perijax bench configs/paper.py:size=$size ($placements), $per_gpu x $SEQ_LEN per GPU"
   set +e
-  timeout --kill-after=20 "$PER_SIZE_TIMEOUT" "$PYTHON" -u -m perijax.bench \
-    --config "configs/paper.py:size=$size" --placements "$PLACEMENTS" \
-    --warmup "$WARMUP" --steps "$STEPS" --json "$OUT/bench-$size.json" \
-    --config.model.dtype=bfloat16 --config.model.attention="$ATTENTION" \
+  timeout --kill-after=20 "$PER_TRY_TIMEOUT" "$PYTHON" -u -m perijax.bench \
+    --config "configs/paper.py:size=$size" --placements "$placements" \
+    --warmup "$warmup" --steps "$steps" --json "$OUT/$name.json" \
+    --config.model.dtype=bfloat16 --config.model.attention="$ATTENTION" "${remat_args[@]}" \
     --config.data.seq_len="$SEQ_LEN" --config.train.grad_accum_steps=1 \
     --config.train.global_batch_size=$((per_gpu * NGPU)) "${bench_args[@]}" 2>&1 \
-    | tee "$OUT/bench-$size.log"
+    | tee "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
   set -e
-  if ((rc == 124 || rc == 137)); then
-    echo "device_bench: size=$size stopped after ${PER_SIZE_TIMEOUT}s; partial results kept" >&2
-    failed+=("$size(timeout)")
-  elif ((rc != 0)); then
-    echo "device_bench: size=$size failed with exit code $rc (see $OUT/bench-$size.log)" >&2
-    failed+=("$size(rc=$rc)")
+  if ((rc != 0)); then
+    echo "device_bench: $name exited with $rc" >&2
+    return 1
   fi
-done
-
-# --- summary of every JSON written
-say "summary"
-"$PYTHON" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+  "$PYTHON" - "$OUT/$name.json" <<'EOF'
 import json
+import sys
+
+r = json.load(open(sys.argv[1]))
+bad = {n: p.get("error", "not run") for n, p in r["placements"].items() if "step_time_s" not in p}
+if bad:
+    sys.exit(f"device_bench: not every placement ran: {bad}")
+EOF
+}
+largest_that_runs() { # size placements warmup steps "batches..."
+  local b
+  for b in $5; do
+    if try_bench "$1" "$2" "$3" "$4" "$b"; then
+      echo "$1 $b" >>"$OUT/chosen.txt"
+      return 0
+    fi
+  done
+  return 1
+}
+: >"$OUT/chosen.txt"
+largest_that_runs 400m "$PLACEMENTS" "$WARMUP" "$STEPS" "$BATCHES_400M" \
+  || die "no micro-batch of '$BATCHES_400M' ran the 400M model"
+if [[ "$SKIP_1_5B" != 1 ]]; then
+  largest_that_runs 1.5b peri 1 3 "$BATCHES_1_5B" \
+    || die "no micro-batch of '$BATCHES_1_5B' ran the 1.5B model"
+fi
+
+# --- summary of the chosen runs, with the checks that make a number believable
+say "summary"
+set +e
+"$PYTHON" - "$OUT" "$ATTENTION" <<'EOF' | tee "$OUT/summary.txt"
+import json
+import math
 import pathlib
 import sys
 
+out, attention = pathlib.Path(sys.argv[1]), sys.argv[2]
 GIB = 1024**3
-for path in sorted(pathlib.Path(sys.argv[1]).glob("bench-*.json")):
-    r = json.loads(path.read_text())
+problems = []
+for line in (out / "chosen.txt").read_text().split("\n"):
+    if not line:
+        continue
+    size, per_gpu = line.split()
+    name = f"bench-{size}-b{per_gpu}"
+    r = json.loads((out / f"{name}.json").read_text())
     peak = r["peak"]
     tflops = "unknown" if peak["tflops"] is None else f"{peak['tflops']:.4g}"
-    print(f"{path.name}: {r['device']['count']} x {r['device']['device_kind']}, "
-          f"{r['tokens_per_step']:,} tokens/step, peak {tflops} TFLOP/s per "
-          f"{peak['unit']} ({peak['source']}){'' if r['complete'] else ', INCOMPLETE'}")
+    ran = r["config"]["model"]["attention"]
+    print(f"{name}: {r['device']['count']} x {r['device']['device_kind']}, jax "
+          f"{r['versions']['jax']}, {per_gpu} x {r['config']['data']['seq_len']} tokens per GPU, "
+          f"attention {ran}, remat {r['config']['model']['remat']}, peak {tflops} TFLOP/s per "
+          f"{peak['unit']} ({peak['source']})")
+    if attention == "auto" and ran != "cudnn":
+        problems.append(f"{name}: model.attention=auto ran {ran}, not cudnn")
     print(f"  {'placement':<9}{'compile s':>10}{'step ms':>9}{'tokens/s':>10}"
           f"{'TFLOP/s/GPU':>12}{'MFU':>7}{'peak GiB':>10}{'plan GiB':>9}{'vs pre':>8}")
-    for name, p in r["placements"].items():
-        if "step_time_s" not in p:
-            print(f"  {name:<9}failed: {p.get('error', 'not run')}")
-            continue
+    for pname, p in r["placements"].items():
         m = p["memory"]
         dev = m["device_peak_bytes"]
         mem = "-" if dev is None else f"{dev / GIB:.1f}"
@@ -188,12 +241,19 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("bench-*.json")):
         plan = "-" if m["compiled_peak"] is None else f"{m['compiled_peak'] / GIB:.1f}"
         mfu = "-" if p["mfu"] is None else f"{100 * p['mfu']:.1f}%"
         over = p["overhead_vs_pre_pct"]
-        print(f"  {name:<9}{p['compile_s']:>10.1f}{p['step_time_s']['median'] * 1e3:>9.1f}"
+        print(f"  {pname:<9}{p['compile_s']:>10.1f}{p['step_time_s']['median'] * 1e3:>9.1f}"
               f"{p['tokens_per_s']:>10,.0f}{p['model_tflops_per_s_per_device']:>12.1f}{mfu:>7}"
               f"{mem:>10}{plan:>9}{'-' if over is None else f'{over:+.1f}%':>8}")
+        if p["mfu"] is not None and not 0 < p["mfu"] <= 1:
+            problems.append(f"{name}/{pname}: MFU {p['mfu']} is impossible")
+        loss = p.get("loss")
+        if not (p["tokens_per_s"] > 0 and loss is not None and math.isfinite(loss)):
+            problems.append(f"{name}/{pname}: tokens/s {p['tokens_per_s']}, loss {loss}")
+for problem in problems:
+    print(f"CHECK FAILED: {problem}")
+sys.exit(1 if problems else 0)
 EOF
-
-if ((${#failed[@]})); then
-  die "not all sizes finished: ${failed[*]}"
-fi
+rc=${PIPESTATUS[0]}
+set -e
+((rc == 0)) || die "the results failed their checks (above)"
 echo "device_bench: done; results in $OUT"

@@ -49,7 +49,7 @@ def generated_scripts() -> dict[str, str]:
     reason="shellcheck is not installed (apt-get install -y shellcheck)",
 )
 def test_shell_scripts_pass_shellcheck(tmp_path):
-    files = sorted((ROOT / "launch").glob("*.sh"))
+    files = sorted((ROOT / "launch").glob("*.sh")) + sorted((ROOT / "scripts").glob("*.sh"))
     for name, text in generated_scripts().items():
         files.append(tmp_path / name)
         files[-1].write_text(text)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from perijax import cli
-from perijax.plan import plan
+from perijax.plan import format_report, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -84,3 +84,19 @@ def test_plan_picks_the_accelerators_loss_chunk():
     assert auto_chunk_len(2, 512, 65536, backend="gpu") == 512
     assert auto_chunk_len(2, 512, 65536, backend="cpu") == 128
     assert auto_chunk_len(16, 512, 65536, backend="gpu") == 256  # the global batch's
+
+
+def test_plan_compiles_what_the_target_runs():
+    """For a GPU target `model.attention=auto` is cuDNN, which does not compile on CPU: the plan
+    names it and compiles blockwise attention in its place (memory linear in T, as the fused
+    kernels'), far below the XLA path's materialized scores at a long sequence."""
+    long = {"data.seq_len": "2048", "mesh.data": "-1", "model.remat": "full",
+            "model.scan_layers": "true"}  # fmt: skip
+    fused = report(**long)
+    xla = report(**long, **{"model.attention": "xla"})
+    assert fused["attention"] == {"target": "cudnn", "planned": "blockwise"}
+    assert xla["attention"] == {"target": "xla", "planned": "xla"}
+    assert fused["config"]["model"]["attention"] == "blockwise"
+    t_fused, t_xla = fused["per_device"]["temp_bytes"], xla["per_device"]["temp_bytes"]
+    assert t_fused < 0.5 * t_xla, (t_fused, t_xla)
+    assert "cudnn on the target, planned as blockwise" in format_report(fused)
