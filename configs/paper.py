@@ -45,6 +45,8 @@ def get_config(arg=None):
     config.optim.warmup_steps = 1000
     config.optim.weight_decay = 0.1
     config.train.global_batch_size = 256
+    # Micro-batches for the device count at hand: two sequences of 8,192 per device.
+    config.train.grad_accum_steps = 0
     config.train.total_steps = 14_305  # 30e9 tokens / (256 * 8192)
     config.train.log_every_steps = 10
     config.train.eval_every_steps = 1000

@@ -348,6 +348,7 @@ def bench(
     # --- mesh and batch: checked before anything is measured.
     check_backend(cfg.model)
     mesh = train_lib.setup_mesh(cfg)
+    cfg = train_lib.resolve_grad_accum(cfg, mesh)
     devices = list(mesh.devices.flat)
     local_devices = [d for d in devices if d.process_index == jax.process_index()]
     t_cfg, seq_len = cfg.train, cfg.data.seq_len

@@ -119,6 +119,8 @@ class TrainConfig:
     seed: int = 0
     total_steps: int = 1000
     global_batch_size: int = 32  # sequences per optimizer step, over all devices and micro-batches
+    # Micro-batches per step; 0: automatic, the fewest that keep each device at 16,384 tokens
+    # or one sequence (perijax.sharding.grad_accum_for).
     grad_accum_steps: int = 1
     log_every_steps: int = 10
     eval_every_steps: int = 200  # 0: evaluate only at the end
@@ -422,13 +424,17 @@ def validate(cfg: Config) -> None:
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _require(o.grad_clip_norm >= 0, f"optim.grad_clip_norm must be >= 0, got {o.grad_clip_norm}")
 
-    _positive(t, "train", "total_steps", "global_batch_size", "grad_accum_steps")
+    _positive(t, "train", "total_steps", "global_batch_size")
+    _require(
+        t.grad_accum_steps >= 0,
+        f"train.grad_accum_steps must be >= 0 (0: automatic), got {t.grad_accum_steps}",
+    )
     _positive(t, "train", "log_every_steps", "eval_batches")
     _require(
         t.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0, got {t.eval_every_steps}"
     )
     _require(
-        t.global_batch_size % t.grad_accum_steps == 0,
+        t.grad_accum_steps == 0 or t.global_batch_size % t.grad_accum_steps == 0,
         f"train.grad_accum_steps={t.grad_accum_steps} must divide "
         f"train.global_batch_size={t.global_batch_size}",
     )

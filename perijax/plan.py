@@ -86,6 +86,7 @@ def plan(cfg, accelerator: str) -> dict:
     )
     cfg = dataclasses.replace(cfg, model=model)
     mesh = train_lib.setup_mesh(cfg)
+    cfg = train_lib.resolve_grad_accum(cfg, mesh)
     t_cfg = cfg.train
     accum = t_cfg.grad_accum_steps
     batch_shape = (t_cfg.global_batch_size // accum, accum, cfg.data.seq_len + 1)

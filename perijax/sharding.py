@@ -76,6 +76,33 @@ def check_model_fits_mesh(model: ModelConfig, shape: tuple[int, int, int]) -> No
         raise ConfigError(f"mesh.fsdp={fsdp} must divide model.d_model={model.d_model}")
 
 
+# `train.grad_accum_steps=0`: as many micro-batches as leave at most this many tokens per device
+# in each (two sequences of 8,192, the paper models' plans in docs/scaling.md), one sequence per
+# device at least.
+AUTO_TOKENS_PER_DEVICE = 16_384
+
+
+def grad_accum_for(
+    global_batch: int, grad_accum: int, seq_len: int, shape: tuple[int, int, int]
+) -> int:
+    """`grad_accum`, or for 0 the fewest micro-batches whose rows split evenly over the batch
+    shards (data x fsdp) with at most AUTO_TOKENS_PER_DEVICE tokens per device (else one row per
+    device). Raises ConfigError when no micro-batch size splits evenly."""
+    shards = shape[0] * shape[1]
+    if grad_accum:
+        check_batch_fits_mesh(global_batch, grad_accum, shape)
+        return grad_accum
+    even = [a for a in range(1, global_batch + 1)
+            if global_batch % a == 0 and (global_batch // a) % shards == 0]  # fmt: skip
+    if not even:
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} cannot be split into micro-batches "
+            f"divisible by mesh.data x mesh.fsdp = {shards}: use a multiple of {shards}"
+        )
+    fitting = [a for a in even if global_batch // a // shards * seq_len <= AUTO_TOKENS_PER_DEVICE]
+    return fitting[0] if fitting else even[-1]
+
+
 def check_batch_fits_mesh(global_batch: int, grad_accum: int, shape: tuple[int, int, int]) -> None:
     shards = shape[0] * shape[1]
     micro = global_batch // grad_accum

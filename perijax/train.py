@@ -136,10 +136,19 @@ def setup_mesh(cfg: Config, devices=None) -> Mesh:
     mesh = sharding_lib.make_mesh(cfg.mesh, devices)
     shape = tuple(mesh.shape.values())
     sharding_lib.check_model_fits_mesh(cfg.model, shape)
-    sharding_lib.check_batch_fits_mesh(
-        cfg.train.global_batch_size, cfg.train.grad_accum_steps, shape
-    )
+    resolve_grad_accum(cfg, mesh)
     return mesh
+
+
+def resolve_grad_accum(cfg: Config, mesh: Mesh) -> Config:
+    """`cfg` with `train.grad_accum_steps=0` (automatic) made concrete for `mesh`
+    (`sharding.grad_accum_for`); checks that the micro-batch splits over the mesh."""
+    t = cfg.train
+    shape = tuple(mesh.shape.values())
+    accum = sharding_lib.grad_accum_for(
+        t.global_batch_size, t.grad_accum_steps, cfg.data.seq_len, shape
+    )
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum_steps=accum))
 
 
 def init_state(cfg: Config, mesh: Mesh) -> TrainState:
@@ -463,10 +472,6 @@ def train(
     (default: all) are arranged into the configured mesh. Returns the last logged train
     metrics, the last eval metrics, the final state and whether the run was preempted.
     """
-    t_cfg = cfg.train
-    seq_len, accum = cfg.data.seq_len, t_cfg.grad_accum_steps
-    micro_batch = t_cfg.global_batch_size // accum
-    tokens_per_step = t_cfg.global_batch_size * seq_len
     process, n_processes = jax.process_index(), jax.process_count()
     if process != 0:  # only process 0 talks and writes
         log = lambda _: None  # noqa: E731
@@ -474,6 +479,11 @@ def train(
     # --- mesh: shapes are checked against the devices, the model and the batch first.
     check_backend(cfg.model)
     mesh = setup_mesh(cfg, devices)
+    cfg = resolve_grad_accum(cfg, mesh)
+    t_cfg = cfg.train
+    seq_len, accum = cfg.data.seq_len, t_cfg.grad_accum_steps
+    micro_batch = t_cfg.global_batch_size // accum
+    tokens_per_step = t_cfg.global_batch_size * seq_len
     if t_cfg.global_batch_size % n_processes:
         raise ConfigError(
             f"train.global_batch_size={t_cfg.global_batch_size} must be divisible by the "

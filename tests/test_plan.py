@@ -100,3 +100,37 @@ def test_plan_compiles_what_the_target_runs():
     t_fused, t_xla = fused["per_device"]["temp_bytes"], xla["per_device"]["temp_bytes"]
     assert t_fused < 0.5 * t_xla, (t_fused, t_xla)
     assert "cudnn on the target, planned as blockwise" in format_report(fused)
+
+
+def test_automatic_accumulation_splits_the_batch_for_the_devices():
+    from perijax.config import ConfigError
+    from perijax.sharding import grad_accum_for
+
+    # The paper's 256 x 8,192: two sequences per device, whatever the device count.
+    assert grad_accum_for(256, 0, 8192, (1, 1, 1)) == 128
+    assert grad_accum_for(256, 0, 8192, (1, 8, 1)) == 16
+    assert grad_accum_for(256, 0, 8192, (4, 8, 2)) == 4  # tensor does not split the batch
+    assert grad_accum_for(256, 0, 512, (1, 8, 1)) == 1  # short sequences: one micro-batch
+    assert grad_accum_for(48, 0, 32768, (1, 8, 1)) == 6  # one sequence per device at least
+    assert grad_accum_for(256, 4, 8192, (1, 8, 1)) == 4  # an explicit setting is kept
+    with pytest.raises(ConfigError, match="cannot be split into micro-batches divisible by "
+                       "mesh.data x mesh.fsdp = 8: use a multiple of 8"):  # fmt: skip
+        grad_accum_for(12, 0, 128, (2, 4, 1))
+
+
+@pytest.mark.slow
+def test_paper_400m_plans_under_25_gib_on_one_h100(tmp_path):
+    """The paper config's automatic accumulation and the fused kernel's blockwise stand-in: the
+    400M model at 8,192 tokens on one H100 plans well inside its 80 GiB."""
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "perijax.cli", "plan", "--config", "configs/paper.py:size=400m",
+         "--devices", "1", "--accelerator", "h100", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["config"]["train"]["grad_accum_steps"] == 128
+    assert r["attention"] == {"target": "cudnn", "planned": "blockwise"}
+    assert r["per_device"]["peak_bytes"] < 25 * 2**30, r["per_device"]
+    assert "attention: cudnn on the target, planned as blockwise" in proc.stdout

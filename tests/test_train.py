@@ -121,3 +121,17 @@ def test_seq_len_longer_than_corpus_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="too small"):
         train_lib.train(cfg, tmp_path / "run", log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_automatic_accumulation_is_resolved_and_recorded(tmp_path, monkeypatch):
+    """`train.grad_accum_steps=0` becomes the fewest micro-batches that keep each device within
+    the token budget (lowered here to 64): 8 rows of 16 on one device are 2 micro-batches, and
+    config.json records the number."""
+    from perijax import sharding
+
+    monkeypatch.setattr(sharding, "AUTO_TOKENS_PER_DEVICE", 64)
+    cfg = synthetic_cfg(**{"train.grad_accum_steps": "0", "train.total_steps": "1",
+                           "train.eval_batches": "1"})  # fmt: skip
+    train_lib.train(cfg, tmp_path / "run", devices=jax.devices()[:1], log=lambda s: None)
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert written["train"]["grad_accum_steps"] == 2

@@ -144,8 +144,8 @@ def check_mesh(cfg: Any, *, devices: int, granules: int, granule: str, hardware:
     try:
         shape = sharding.mesh_shape(cfg.mesh, devices)
         sharding.check_model_fits_mesh(cfg.model, shape)
-        sharding.check_batch_fits_mesh(
-            cfg.train.global_batch_size, cfg.train.grad_accum_steps, shape
+        sharding.grad_accum_for(
+            cfg.train.global_batch_size, cfg.train.grad_accum_steps, cfg.data.seq_len, shape
         )
     except ConfigError as e:
         raise LaunchError(f"{hardware} = {devices} devices: {e}") from e
