@@ -46,11 +46,11 @@ _noted: set[str] = set()
 
 
 def resolve(impl: str, backend: str | None = None) -> str:
-    """The implementation `impl` names on `backend` (default: JAX's): `auto` becomes the
-    backend's fused kernel, or `xla` on CPU."""
+    """The implementation `impl` names on `backend` (default: the one traced for,
+    `perijax.tuning.backend()`): `auto` becomes the backend's fused kernel, or `xla` on CPU."""
     if impl != "auto":
         return impl
-    return AUTO.get(backend or jax.default_backend(), "xla")
+    return AUTO.get(backend or tuning.backend(), "xla")
 
 
 def check(impl: str, compute_dtype, backend: str | None = None) -> None:
@@ -62,7 +62,7 @@ def check(impl: str, compute_dtype, backend: str | None = None) -> None:
             f"model.attention={impl} needs {needs[1]}, but the backend is {backend}: "
             "use model.attention=auto (or xla, blockwise)"
         )
-    if resolve(impl, backend) == "cudnn" and jnp.dtype(compute_dtype) == jnp.float32:
+    if impl == "cudnn" and jnp.dtype(compute_dtype) == jnp.float32:
         raise ConfigError(
             "model.attention=cudnn needs model.dtype=bfloat16 (the default on GPU): "
             "set model.dtype=bfloat16 or model.attention=blockwise"
@@ -122,6 +122,8 @@ def _unsupported(impl: str, q: jax.Array, k: jax.Array, segment_ids) -> str | No
         if segment_ids is not None:
             # jax.nn.dot_product_attention exposes padding lengths, not packed documents.
             return "has no document masking in jax.nn.dot_product_attention"
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            return f"needs bfloat16 or float16 inputs, not {q.dtype}"
         if dh % 8 or dh > 128:
             return f"does not support head dim {dh} (a multiple of 8, at most 128)"
     if impl == "splash":

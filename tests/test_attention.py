@@ -166,7 +166,8 @@ def test_explicit_kernels_are_checked_against_the_backend():
                        "backend is cpu"):  # fmt: skip
         A.check("cudnn", jnp.bfloat16, "cpu")
     with pytest.raises(ConfigError, match="needs model.dtype=bfloat16"):
-        A.check("auto", jnp.float32, "gpu")
+        A.check("cudnn", jnp.float32, "gpu")
+    A.check("auto", jnp.float32, "gpu")  # auto falls back instead (test_fallbacks_say_so_once)
     A.check("auto", jnp.float32, "cpu")
     A.check("blockwise", jnp.float32, "cpu")
 
@@ -183,6 +184,10 @@ def test_fallbacks_say_so_once(capsys):
     err = capsys.readouterr().err
     assert err.count("note: cudnn attention has no document masking") == 1
     assert "using blockwise attention instead" in err
+    A.attend("cudnn", q, k, v)  # float32 inputs: cuDNN takes bfloat16 or float16 only
+    assert "cudnn attention needs bfloat16 or float16 inputs, not float32" in (
+        capsys.readouterr().err
+    )
     mask = jnp.asarray(np.tril(np.ones((128, 128), bool)))[None].repeat(2, 0)
     out = A.attend("splash", q, k, v, mask=mask)
     assert float(jnp.abs(out - _reference(q, k, v, None)).max()) < 1e-5
