@@ -451,7 +451,9 @@ def train(
 ) -> dict[str, Any]:
     """Trains `cfg` in `workdir`, resuming from its latest checkpoint if there is one.
 
-    Writes WORKDIR/{config.json, metrics.jsonl, TensorBoard events, checkpoints/}. `devices`
+    Writes WORKDIR/{config.json, config_history.jsonl, metrics.jsonl, TensorBoard events,
+    checkpoints/}, only once the launch is known to be valid; WORKDIR may be a URL
+    (`gs://...`, perijax/storage.py). `devices`
     (default: all) are arranged into the configured mesh. Returns the last logged train
     metrics, the last eval metrics, the final state and whether the run was preempted.
     """

@@ -135,7 +135,45 @@ def test_gs_workdir_survives_sigkill_resumes_exactly_and_evaluates(gcs, tmp_path
     assert gs_losses(workdir) == losses_by_step(straight)
     first = json.loads((epath.Path(workdir) / "config.json").read_text())
     assert first["train"]["total_steps"] == total
+    names = [p.name for p in epath.Path(workdir).iterdir()]
+    assert any(n.startswith("events.out.tfevents") for n in names), names  # TensorBoard
 
     evaluated = perijax("eval", workdir, "--max-batches", "2", env=gcs)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     assert f"checkpoint  {workdir}/checkpoints/{total} (step {total})" in evaluated.stdout
+
+
+def test_prepared_dataset_is_read_from_a_bucket(gcs, tmp_path):
+    """data.path=gs://...: the dataset is copied once into the local cache and then reads the
+    same batches as the local folder."""
+    from etils import epath
+    from test_data_loader import _docs, _prepare
+
+    from perijax.data import open_datasets
+
+    local = _prepare(tmp_path, "words", _docs(0, 200, "abcdefghijklmnopqrstuvwxyz"))
+    url = f"gs://{BUCKET}/datasets/words"
+    for f in local.rglob("*"):
+        if f.is_file():
+            (epath.Path(url) / str(f.relative_to(local))).write_bytes(f.read_bytes())
+
+    def first_batches(path: str, cache: Path) -> list:
+        ds = open_datasets(
+            "prepared", path=path, vocab_size=257, cache_dir=str(cache), log=lambda s: None
+        )
+        it = ds.train_iterator(seq_len=16, global_batch_size=4, seed=0)
+        return [next(it) for _ in range(3)] + ds.eval_batches(
+            seq_len=16, batch_size=4, num_batches=2
+        )
+
+    want = first_batches(str(local), tmp_path / "cache")
+    for _ in range(2):  # the second open reuses the local copy
+        got = first_batches(url, tmp_path / "cache")
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            assert (a == b).all()
+    copies = list((tmp_path / "cache" / "remote").iterdir())
+    assert len(copies) == 1 and (copies[0] / "manifest.json").is_file()
+    with pytest.raises(ValueError, match="not found or incomplete"):
+        open_datasets("prepared", path=f"gs://{BUCKET}/nothing", vocab_size=257,
+                      cache_dir=str(tmp_path / "cache"), log=lambda s: None)  # fmt: skip
