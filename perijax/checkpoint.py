@@ -3,8 +3,10 @@ together, asynchronously; restore-or-init with a documented precedence; shape ch
 the first mismatching parameter.
 
 Layout: `WORKDIR/checkpoints/<step>/{state, data, meta}`. Orbax writes each step into a temporary
-folder and renames it on commit, so a process killed mid-save (even SIGKILL) leaves only complete
-steps visible; `latest_step()` never returns an incomplete one.
+folder and renames it on commit (on object storage, where there is no rename, it marks a step
+complete with a last file), so a process killed mid-save (even SIGKILL) leaves only complete
+steps visible; `latest_step()` never returns an incomplete one. The folder may be a URL
+(`gs://...`, perijax/storage.py).
 
 The state is saved as a flat {path: array} dict (paths like `params.blocks.0.attn.wq`), so a
 checkpoint does not depend on Python class names and a mismatch names the exact parameter.
@@ -15,12 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from perijax import storage
 from perijax.config import CheckpointConfig, ConfigError
 
 
@@ -47,10 +49,11 @@ def unflatten(like: Any, flat: dict[str, Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [flat[_key(path)] for path, _ in paths])
 
 
-def resolve_restore_path(path: str) -> tuple[Path, int | None]:
+def resolve_restore_path(path: str) -> tuple[Any, int | None]:
     """`--restore` accepts a checkpoint step folder (`.../checkpoints/1200`), a checkpoints
-    folder, or a workdir; returns (checkpoints folder, step or None for the latest)."""
-    p = Path(path)
+    folder, or a workdir, local or a URL; returns (checkpoints folder, step or None for the
+    latest)."""
+    p = storage.as_path(path)
     if p.name.isdigit() and p.parent.is_dir():
         if not (p / "state").exists():
             raise ConfigError(f"--restore {path}: not a complete checkpoint (no state/ inside)")
@@ -66,7 +69,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig, *, read_only=False):
         self.cfg = cfg
-        self.directory = Path(directory)
+        self.directory = storage.as_path(directory)
         # A read-only manager logs three warnings about options it ignores; they say nothing
         # to a user who only reads a checkpoint.
         absl_logger = logging.getLogger("absl")
@@ -82,7 +85,7 @@ class Checkpointer:
                 read_only=read_only,
             )
             self.manager = ocp.CheckpointManager(
-                self.directory.absolute(),
+                storage.absolute(self.directory),
                 options=options,
                 item_handlers={  # declared up front so a fresh process can read metadata
                     "state": ocp.StandardCheckpointHandler(),
@@ -98,13 +101,17 @@ class Checkpointer:
         self.last_saved_step: int | None = self.manager.latest_step()
 
     # ------------------------------------------------------------------------------- policy
-    def due(self, step: int) -> bool:
-        """Whether the configured cadence (steps and/or minutes) asks for a save at `step`."""
-        cfg = self.cfg
-        if cfg.every_steps and step % cfg.every_steps == 0:
-            return True
+    def due_by_steps(self, step: int) -> bool:
+        """Whether `checkpoint.every_steps` asks for a save at `step` (the same answer on every
+        process)."""
+        return bool(self.cfg.every_steps and step % self.cfg.every_steps == 0)
+
+    def due_by_time(self) -> bool:
+        """Whether `checkpoint.every_minutes` have passed since the last save, by this
+        process's clock. Processes' clocks differ, so a multi-process run takes process 0's
+        answer (perijax/distributed.py `agree`)."""
         minutes = (time.monotonic() - self._last_save_time) / 60
-        return bool(cfg.every_minutes and minutes >= cfg.every_minutes)
+        return bool(self.cfg.every_minutes and minutes >= self.cfg.every_minutes)
 
     # ------------------------------------------------------------------------------ save
     def save(self, step: int, state: Any, data_state: dict | None, meta: dict) -> None:

@@ -72,6 +72,7 @@ def _default_workdir(spec: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from perijax import storage
     from perijax.config import ConfigError
 
     if args.restore:
@@ -79,7 +80,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
     try:
         cfg = _build_config(args.config, overrides)
         workdir = args.workdir or _default_workdir(args.config)
-        if Path(workdir).exists() and not Path(workdir).is_dir():
+        if storage.as_path(workdir).exists() and not storage.as_path(workdir).is_dir():
             raise ConfigError(f"--workdir {workdir} exists and is not a directory")
         from perijax import distributed
 

@@ -284,6 +284,11 @@ def _find_config_file(path: str) -> Path:
     raise ConfigError(f"config file not found: {path}")
 
 
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads `path.py[:arg]` and calls its `get_config(arg)` (or `get_config()`), or reads a
     `config.json` that a run (or `perijax import`) wrote: keys it lacks take their defaults."""
@@ -313,10 +318,17 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     except ConfigError:
         raise
     except Exception as e:  # a config file is user code: report where it failed, in one line
-        raise ConfigError(f"cannot load config file {path}: {type(e).__name__}: {e}") from e
+        raise ConfigError(f"cannot load config file {path}: {_one_line(e)}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config()")
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # the same one line as a failure while loading the file
+        raise ConfigError(
+            f"cannot load config file {path}: get_config() raised {_one_line(e)}"
+        ) from e
 
 
 def apply_override(cd: ml_collections.ConfigDict, dotted: str, text: str) -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from perijax import storage
 from perijax.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -397,7 +398,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if not Path(args.checkpoint).exists():
+    if not storage.as_path(args.checkpoint).exists():
         raise ConfigError(f"checkpoint {args.checkpoint}: no such file or directory")
     if args.tasks:
         loss_only = {"--seq-len": args.seq_len, "--max-batches": args.max_batches}

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from perijax import sharding as sharding_lib
+from perijax import storage
 from perijax.checkpoint import Checkpointer, flatten, resolve_restore_path, unflatten
 from perijax.config import CheckpointConfig, Config, ConfigError, resolve, to_dict
 from perijax.model import Transformer, abstract_model
@@ -130,7 +131,7 @@ def load_model(
     # Partial restore: only the parameters (the optimizer moments stay on disk).
     with ocp.PyTreeCheckpointer() as reader:
         restored = reader.restore(
-            (directory / str(step) / "state").absolute(),
+            storage.absolute(directory / str(step) / "state"),
             args=ocp.args.PyTreeRestore(
                 wanted,
                 restore_args=jax.tree.map(

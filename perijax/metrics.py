@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from perijax import storage
 
 
 def cross_entropy(
@@ -34,21 +36,40 @@ def global_norm(tree) -> jax.Array:
 
 class MetricWriter:
     """Appends metrics to metrics.jsonl and TensorBoard. Only the writing process creates files
-    (process 0 in a multi-host run)."""
+    (process 0 in a multi-host run).
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+    A local metrics.jsonl gets each row as it is written. Object storage (a `gs://` workdir)
+    cannot append, so there the file is rewritten whole: at most every `upload_secs`, at every
+    `flush()` (the trainer flushes with each checkpoint, so a killed run loses no row up to
+    its last checkpoint) and at `close()`.
+    """
+
+    def __init__(
+        self, workdir: str | os.PathLike, *, enabled: bool = True, upload_secs: float = 30.0
+    ):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
-        if enabled:
-            workdir = Path(workdir)
-            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-            try:
-                from tensorboardX import SummaryWriter
+        self._remote = None
+        self._text: list[str] = []  # the whole remote file
+        self._uploaded = 0  # rows of _text already uploaded
+        self._upload_secs, self._last_upload = upload_secs, time.monotonic()
+        if not enabled:
+            return
+        path = storage.as_path(workdir) / "metrics.jsonl"
+        if storage.is_url(path):
+            self._remote = path
+            if path.exists():
+                self._text = [path.read_text()]
+                self._uploaded = 1
+        else:
+            self._jsonl = open(path, "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(workdir), flush_secs=10)
-            except ImportError:  # TensorBoard output is optional; metrics.jsonl is not
-                self._tb = None
+            self._tb = SummaryWriter(str(workdir), flush_secs=10)
+        except ImportError:  # TensorBoard output is optional; metrics.jsonl is not
+            self._tb = None
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -59,10 +80,28 @@ class MetricWriter:
             row[key] = value if math.isfinite(value) else str(value)
             if self._tb is not None:
                 self._tb.add_scalar(key, value, int(step))
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(row) + "\n"
+        if self._remote is None:
+            self._jsonl.write(line)
+            self._jsonl.flush()
+            return
+        self._text.append(line)
+        if time.monotonic() - self._last_upload >= self._upload_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        """Makes every row written so far durable (a no-op for a local file)."""
+        if self._remote is not None and self._uploaded < len(self._text):
+            self._text = ["".join(self._text)]
+            self._remote.write_text(self._text[0])
+            self._uploaded, self._last_upload = 1, time.monotonic()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
+        self.flush()
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:

@@ -13,7 +13,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from perijax import attention as attention_lib
 from perijax import checkpoint as checkpoint_lib
 from perijax import data as data_lib
+from perijax import distributed, storage
 from perijax import sharding as sharding_lib
 from perijax.checkpoint import Checkpointer, resolve_restore_path
 from perijax.config import Config, ConfigError, to_dict
@@ -418,17 +418,6 @@ def load_data(cfg: Config, log: Callable[[str], None] = print) -> data_lib.Datas
     return data
 
 
-def stop_agreed(stop: StopSignal) -> bool:
-    """Whether any process was signalled; every process calls this at the same step, so all of
-    them stop (and save) together."""
-    stop_now = stop.received is not None
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        stop_now = bool(np.any(multihost_utils.process_allgather(np.asarray(stop_now))))
-    return stop_now
-
-
 def abstract_state(cfg: Config, mesh: Mesh) -> TrainState:
     """The TrainState as ShapeDtypeStructs carrying their target shardings (for restore)."""
     abstract = jax.eval_shape(lambda: create_state(cfg))
@@ -442,20 +431,62 @@ def abstract_state(cfg: Config, mesh: Mesh) -> TrainState:
     )
 
 
-def _restore_or_init(cfg: Config, mesh: Mesh, ckpt: Checkpointer, log) -> tuple:
-    """Precedence: checkpoint.restore (an explicit path) > latest in the workdir > fresh init.
-    Returns (state, data_state or None, source description)."""
+def _restore_or_init(cfg: Config, mesh: Mesh, own: Any, log) -> tuple:
+    """Precedence: checkpoint.restore (an explicit path) > latest in the workdir's checkpoints
+    folder `own` > fresh init. Only reads: a launch refused here (a checkpoint that does not
+    match the config) has changed nothing. Returns (state, data_state or None, source)."""
     if cfg.checkpoint.restore:
         directory, step = resolve_restore_path(cfg.checkpoint.restore)
-        source = Checkpointer(directory, cfg.checkpoint, read_only=True)
+        how = "restored {} (checkpoint.restore)"
+    elif own.is_dir() and any(c.name.isdigit() for c in own.iterdir()):
+        directory, step, how = own, None, "resumed from {}"
+    else:
+        return init_state(cfg, mesh), None, "initialized from train.seed"
+    source = Checkpointer(directory, cfg.checkpoint, read_only=True)
+    try:
         step = step if step is not None else source.latest_step()
+        if step is None:  # only incomplete steps there (a run killed during its first save)
+            return init_state(cfg, mesh), None, "initialized from train.seed"
         state, data_state, _ = source.restore(step, abstract_state(cfg, mesh))
-        return state, data_state, f"restored {directory / str(step)} (checkpoint.restore)"
-    if ckpt.latest_step() is not None:
-        step = ckpt.latest_step()
-        state, data_state, _ = ckpt.restore(step, abstract_state(cfg, mesh))
-        return state, data_state, f"resumed from {ckpt.directory / str(step)}"
-    return init_state(cfg, mesh), None, "initialized from train.seed"
+    finally:
+        source.manager.close()
+    return state, data_state, how.format(directory / str(step))
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def record_config(workdir: Any, resolved: dict[str, Any], step: int) -> None:
+    """WORKDIR/config.json is the config of the run's first launch and is never replaced. A
+    later launch whose resolved config differs from the one in effect appends a line
+    {"step": S, "changed": {key: [old, new]}, "config": {...}} to WORKDIR/config_history.jsonl,
+    so the run's record says which settings applied from which step."""
+    first, history = workdir / "config.json", workdir / "config_history.jsonl"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not first.exists():
+            first.write_text(json.dumps(resolved, indent=2) + "\n")
+            return
+        lines = history.read_text().splitlines() if history.exists() else []
+        current = json.loads(lines[-1])["config"] if lines else json.loads(first.read_text())
+        old, new = _flat(current), _flat(resolved)
+        changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))}
+        changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+        if changed:
+            entry = {"step": step, "changed": changed, "config": resolved}
+            # Rewritten whole: object storage has no append (the file stays small).
+            history.write_text("".join(f"{line}\n" for line in lines) + json.dumps(entry) + "\n")
+    except OSError as e:
+        raise ConfigError(f"cannot write to workdir {workdir}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise ConfigError(f"{first} or {history} is not valid JSON ({e})") from e
 
 
 def train(
@@ -468,7 +499,9 @@ def train(
 ) -> dict[str, Any]:
     """Trains `cfg` in `workdir`, resuming from its latest checkpoint if there is one.
 
-    Writes WORKDIR/{config.json, metrics.jsonl, TensorBoard events, checkpoints/}. `devices`
+    Writes WORKDIR/{config.json, config_history.jsonl, metrics.jsonl, TensorBoard events,
+    checkpoints/}, only once the launch is known to be valid; WORKDIR may be a URL
+    (`gs://...`, perijax/storage.py). `devices`
     (default: all) are arranged into the configured mesh. Returns the last logged train
     metrics, the last eval metrics, the final state and whether the run was preempted.
     """
@@ -510,22 +543,18 @@ def train(
         raise ConfigError(f"data '{data.name}': {e}") from e
     eod_id = document_eod(cfg, data)
 
-    # --- workdir: the resolved config first, so a run is always identifiable.
-    workdir = Path(workdir)
+    # --- restore or init: parameters and optimizer state are created in their shardings.
+    workdir = storage.as_path(workdir)
+    state, data_state, source = _restore_or_init(cfg, mesh, workdir / "checkpoints", log)
+    if data_state is not None:
+        batches.set_state(data_state)
+
+    # --- workdir: written only now that the launch is known to be valid.
     resolved = to_dict(cfg)
     resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name
     if process == 0:
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-        except OSError as e:
-            raise ConfigError(f"cannot write to workdir {workdir}: {e.strerror}") from e
-
-    # --- restore or init: parameters and optimizer state are created in their shardings.
+        record_config(workdir, resolved, int(state.step))
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    state, data_state, source = _restore_or_init(cfg, mesh, ckpt, log)
-    if data_state is not None:
-        batches.set_state(data_state)
     start_step = int(state.step)
     writer = MetricWriter(workdir, enabled=process == 0)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -559,6 +588,7 @@ def train(
 
     def save(step: int) -> None:
         ckpt.save(step, state, batches.get_state(), {"config": resolved})
+        writer.flush()  # metrics up to a checkpoint survive a kill (object storage)
 
     def run_eval(step: int) -> dict[str, float]:
         metrics = evaluate(eval_fn, state, eval_data)
@@ -575,6 +605,7 @@ def train(
     last_train: dict[str, float] = {}
     rollbacks, preempted = 0, False
     pending: tuple[int, Any] | None = None  # (step, device metrics) of a log step not yet read
+    agreement: Any = None  # flags gathered at the last sync step, read at the next step
     mark: tuple[float, int] = (0.0, start_step)  # (time, step) when the device last went idle
 
     def read_metrics() -> bool:
@@ -618,13 +649,27 @@ def train(
                 t_loop = time.perf_counter()
                 mark = (t_loop, step)
             last = step == t_cfg.total_steps
-            save_now = ckpt.due(step) or last
             every = t_cfg.eval_every_steps
             eval_now = bool(every and step % every == 0) or last
             # The guard's rollback flag is sticky, so it is read only where the host syncs anyway:
             # with the log-step metrics and before a checkpoint is written.
             needs_rollback = read_metrics() if pending is not None else False
-            stop_now = stop_agreed(stop)
+            # Stop and clock-based saves are agreed by all processes (distributed.py): started at
+            # a step where the loop syncs anyway, read one step later, when the host waits for
+            # that step regardless. One process needs no agreement and checks every step.
+            local_flags = (stop.received is not None, ckpt.due_by_time())
+            if n_processes == 1:
+                stop_now, time_due = local_flags
+            else:
+                stop_now, time_due = (
+                    distributed.finish_agreement(agreement)
+                    if agreement is not None
+                    else (False, False)
+                )
+                agreement = None
+                if logs or eval_now or ckpt.due_by_steps(step):
+                    agreement = distributed.start_agreement(*local_flags)
+            save_now = ckpt.due_by_steps(step) or time_due or last
             if logs:
                 for x in jax.tree.leaves(metrics):
                     x.copy_to_host_async()
@@ -644,7 +689,8 @@ def train(
                 save(step)
                 ckpt.wait()
                 preempted = True
-                log(f"stopped by signal {stop.received}: checkpoint {step} saved; rerun to resume")
+                why = f"signal {stop.received}" if stop.received else "a signal to another process"
+                log(f"stopped by {why}: checkpoint {step} saved; rerun to resume")
                 break
             if save_now:
                 save(step)

@@ -222,3 +222,46 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot write to workdir"):
         train_lib.train(config(), blocker / "run", log=lambda s: None)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_refused_relaunch_leaves_every_file_of_the_workdir_byte_identical(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    train_lib.train(config(**{"model.ln_placement": "peri"}), workdir, log=stop_at(2))
+    before = _snapshot(workdir)
+    assert {"config.json", "metrics.jsonl"} <= set(before)
+    argv = ["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(workdir)]
+    argv += [f"--config.{k}={v}" for k, v in {**BASE, "model.ln_placement": "post"}.items()]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match the config" in err[0], err
+    assert _snapshot(workdir) == before
+    # A refused --restore into a new workdir creates nothing there either.
+    restore = ["--restore", str(workdir / "checkpoints" / "3"), "--workdir", str(tmp_path / "new")]
+    assert cli.main(argv[:3] + argv[5:] + restore) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_with_changed_settings_keeps_the_first_config_and_a_history(tmp_path):
+    from perijax import report
+
+    train_lib.train(config(), tmp_path, log=stop_at(2))  # stops at step 3
+    first = (tmp_path / "config.json").read_bytes()
+    changed = {"optim.lr": "0.001", "train.log_every_steps": "2"}
+    train_lib.train(config(**changed), tmp_path, log=lambda s: None)
+    train_lib.train(config(**changed, **{"train.total_steps": "10"}), tmp_path, log=lambda s: None)
+    assert (tmp_path / "config.json").read_bytes() == first  # the first launch's, untouched
+    history = [json.loads(x) for x in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [3, 8]
+    assert history[0]["changed"] == {
+        "optim.lr": [json.loads(first)["optim"]["lr"], 0.001],
+        "train.log_every_steps": [1, 2],
+    }
+    assert history[1]["changed"] == {"train.total_steps": [8, 10]}
+    assert history[1]["config"]["optim"]["lr"] == 0.001
+    run = report.load_run(tmp_path)  # report (and sweep) read the run as before
+    assert run.config["model.ln_placement"] == "peri"
+    assert max(r["step"] for r in run.rows) == 10

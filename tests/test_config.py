@@ -95,6 +95,34 @@ def test_bad_input_from_the_real_command_has_no_traceback(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize(
+    "body, pattern",
+    [
+        ("raise KeyError('no_such_key')\n",
+         r"cannot load config file .*bad\.py: KeyError: 'no_such_key'$"),
+        ("def get_config():\n    return {}['no_such_key']\n",
+         r"cannot load config file .*bad\.py: get_config\(\) raised KeyError: 'no_such_key'$"),
+        ("def get_config():\n    raise ValueError('first line\\nsecond line')\n",
+         r"get_config\(\) raised ValueError: first line$"),
+    ],
+)  # fmt: skip
+def test_config_file_exceptions_are_one_line_exit_2(tmp_path, body, pattern):
+    """An exception while loading a config file and one raised inside its get_config() read
+    the same: one line, status 2, no traceback, nothing written."""
+    (tmp_path / "bad.py").write_text(body)
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "perijax.cli", "train", "--config", str(tmp_path / "bad.py"),
+         "--workdir", str(workdir)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("perijax: error: "), proc.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not workdir.exists()
+
+
 def test_resolve_rejects_unknown_keys_in_config_files():
     cd = config_lib.base_config()
     with cd.unlocked():

@@ -109,8 +109,7 @@ def load_token_data(
     fingerprint = _fingerprint(files, val_fraction)
     version = ".".join(map(str, sys.version_info[:3]))
     folder = f"stdlib-py{version}-{kind}{vocab_size}-{fingerprint[:12]}"
-    base = Path(cache_dir or os.environ.get("PERIJAX_CACHE") or "~/.cache/perijax").expanduser()
-    path = base / folder
+    path = cache_root(cache_dir) / folder
     if not (path / "manifest.json").exists():
         _prepare_stdlib(root, files, path, kind, vocab_size, val_fraction, fingerprint, log)
     data = _load_prepared(path)
@@ -119,6 +118,12 @@ def load_token_data(
 
 
 # --- stdlib: file list and split ------------------------------------------------------------
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where prepared corpora and local copies of remote datasets live: `cache_dir`, else
+    $PERIJAX_CACHE, else ~/.cache/perijax."""
+    return Path(cache_dir or os.environ.get("PERIJAX_CACHE") or "~/.cache/perijax").expanduser()
 
 
 def stdlib_files(max_files: int | None = None) -> tuple[Path, list[tuple[str, int]]]:

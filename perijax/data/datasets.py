@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from perijax.data.corpus import TokenData, load_token_data
+from perijax import storage
+from perijax.data.corpus import TokenData, cache_root, load_token_data
 from perijax.data.packing import PackedWindows, TokenStream, doc_offsets_from_eod
-from perijax.data.shards import PreparedDataset, open_prepared
+from perijax.data.shards import PreparedDataset, local_copy, open_prepared
 
 OPEN_SOURCES = ("stdlib", "synthetic", "prepared")
 STATE_VERSION = 1
@@ -296,7 +297,7 @@ def parse_mixture(path: str) -> list[tuple[str, float]]:
                 "positive weight for every member, e.g. DIR_A=0.7,DIR_B=0.3"
             )
         members.append((folder, value))
-    names = [str(Path(f).resolve()) for f, _ in members]
+    names = [f if storage.is_url(f) else str(Path(f).resolve()) for f, _ in members]
     if len(set(names)) != len(names):
         raise ValueError(f"data.path={path!r} names a dataset twice")
     total = sum(w for _, w in members)
@@ -326,7 +327,8 @@ def open_datasets(
         "DIR_A=0.7,DIR_B=0.3" (weights are normalized).
       vocab_size: the model's vocabulary; a dataset whose tokenizer has more ids is an error.
       seed: seeds the synthetic stream (the training shuffle takes its seed separately).
-      cache_dir, val_fraction: for stdlib (prepared datasets hold a fixed validation split).
+      cache_dir, val_fraction: for stdlib (prepared datasets hold a fixed validation split);
+        cache_dir also holds the local copy of a prepared dataset given as a URL (`gs://...`).
       log: receives one-line messages.
       verify: check every shard's sha256 (reads all data once, in threads: docs/data.md has
         the cost); sizes are always checked.
@@ -351,7 +353,10 @@ def open_datasets(
     opened: list[tuple[PreparedDataset, float]] = []
     for folder, weight in parse_mixture(path):
         t0 = time.perf_counter()
-        ds = open_prepared(folder, verify=verify)
+        if storage.is_url(folder):  # copied once into the local cache (np.memmap needs files)
+            ds = open_prepared(local_copy(folder, cache_root(cache_dir)), verify=verify)
+        else:
+            ds = open_prepared(folder, verify=verify)
         tok = ds.tokenizer
         if tok["vocab_size"] > vocab_size:
             raise ValueError(

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -212,3 +213,41 @@ def open_prepared(path: str | os.PathLike, *, verify: bool = True) -> PreparedDa
             for e in entries
         ]
     return PreparedDataset(folder, manifest, splits["train"], splits["val"])
+
+
+def local_copy(url: str, cache: Path) -> Path:
+    """A prepared dataset at a URL (`gs://...`) copied to `cache/remote/<hash of the URL>/`:
+    shards are read through np.memmap, which needs local files. The manifest is copied last and
+    the copy is reused while it equals the remote manifest; `open_prepared` then checks the
+    copy's sizes and checksums as for any local dataset."""
+    from perijax import storage
+
+    src = storage.as_path(url)
+    try:
+        text = (src / MANIFEST).read_text()
+        manifest = json.loads(text)
+        dest = cache / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16]
+        if (dest / MANIFEST).is_file() and (dest / MANIFEST).read_text() == text:
+            return dest
+        names = [
+            e[key]
+            for split in SPLITS
+            for e in manifest["splits"][split]["shards"]
+            for key in ("bin", "idx")
+        ]
+        if manifest.get("tokenizer", {}).get("file"):
+            names.append(manifest["tokenizer"]["file"])
+        (dest / MANIFEST).unlink(missing_ok=True)
+        for name in names:
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            with (src / name).open("rb") as r, open(tmp, "wb") as w:
+                shutil.copyfileobj(r, w, 1 << 24)
+            os.replace(tmp, target)
+        (dest / MANIFEST).write_text(text)
+    except FileNotFoundError as e:
+        raise ValueError(f"prepared dataset not found or incomplete at {url}: {e}") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{url}/{MANIFEST} is not a perijax prepare manifest ({e})") from e
+    return dest

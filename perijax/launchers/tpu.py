@@ -257,7 +257,7 @@ def install_script(python: str) -> str:
             f'tar -xzf "$HOME/{TARBALL}" -C "{REMOTE_SRC}"',
             f'[[ -x "{REMOTE_VENV}/bin/python" ]] || {python} -m venv "{REMOTE_VENV}"',
             f'"{REMOTE_VENV}/bin/pip" install -q --upgrade pip',
-            f'"{REMOTE_VENV}/bin/pip" install -q -e "{REMOTE_SRC}[tpu]"',
+            f'"{REMOTE_VENV}/bin/pip" install -q -e "{REMOTE_SRC}[tpu,gcs]"',
             'echo "$(hostname): perijax installed"',
         ]
     )
