@@ -711,13 +711,18 @@ FIGURES: dict[str, Callable[..., str | None]] = {
 }
 
 
+def _require_matplotlib():
+    from perijax.packages import require
+
+    return require(
+        "matplotlib", feature="report figures", extra="report", alternative="pass --no-figures"
+    )
+
+
 def make_figures(runs: Sequence[RunResult], out: Path, lr: float | None = None) -> list[str]:
     """Writes every figure it has the metrics for; returns one note per figure (written or
     skipped and why)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return ["figures skipped: matplotlib is not installed (pip install matplotlib)"]
+    matplotlib = _require_matplotlib()
     matplotlib.use("Agg")  # files only: no display needed, works on any server
     reps = representatives(runs, lr)
     notes = []
@@ -750,6 +755,8 @@ def report(
     if lr is not None and lr not in lrs:
         have = ", ".join(f"{x:g}" for x in lrs) or "none"
         raise ValueError(f"--lr {lr:g}: no run has that learning rate (runs have: {have})")
+    if figures:
+        _require_matplotlib()  # before anything is written
     out = Path(out) if out is not None else directory / "report"
     out.mkdir(parents=True, exist_ok=True)
     groups = summarize(runs)
