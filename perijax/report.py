@@ -24,12 +24,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from perijax.config import TRACKING_KEYS
+
 PLACEMENTS = ("pre", "post", "peri", "output")
 FP16_MAX = 65504.0  # largest finite float16
 GROUP_KEYS = ("model.ln_placement", "optim.lr")
 # Keys that may differ between the runs of one experiment without making them different
 # experiments (seeds are aggregated; the rest only say how a run was executed).
-NOT_GROUPED = ("train.seed", "data.cache_dir", "data.num_threads", "data.prefetch")
+NOT_GROUPED = ("train.seed", "data.cache_dir", "data.num_threads", "data.prefetch", *TRACKING_KEYS)
 NOT_GROUPED_SECTIONS = ("checkpoint", "mesh", "distributed")
 GAMMA_NAMES = (
     "attn_input",

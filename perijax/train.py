@@ -30,6 +30,7 @@ from perijax.checkpoint import Checkpointer, resolve_restore_path
 from perijax.config import Config, ConfigError, to_dict
 from perijax.metrics import (
     MetricWriter,
+    check_trackers,
     expand_layers,
     format_duration,
     global_norm,
@@ -434,6 +435,7 @@ def train(
 
     # --- mesh: shapes are checked against the devices, the model and the batch first.
     check_backend(cfg.model)
+    check_trackers(t_cfg)
     mesh = setup_mesh(cfg, devices)
     if t_cfg.global_batch_size % n_processes:
         raise ConfigError(
@@ -477,7 +479,7 @@ def train(
     if data_state is not None:
         batches.set_state(data_state)
     start_step = int(state.step)
-    writer = MetricWriter(workdir, enabled=process == 0)
+    writer = MetricWriter(workdir, enabled=process == 0, config=resolved)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(
         f"model: {n_params:,} parameters, ln_placement={cfg.model.ln_placement}, "
