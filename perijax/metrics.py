@@ -81,7 +81,7 @@ class WandbWriter:
                 job_type="train",
             )
         except Exception as e:  # no login, no network, a bad entity: wandb's own message
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
             raise ConfigError(
                 f"W&B (train.wandb_project={t['wandb_project']}): {first}; run `wandb login`, "
                 "set WANDB_MODE=offline, or leave train.wandb_project empty"

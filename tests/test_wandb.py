@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from perijax import cli
-from perijax.config import Config, to_dict
+from perijax.config import Config, ConfigError, to_dict
 from perijax.metrics import WANDB_RUN_ID_FILE, MetricWriter
 from perijax.report import read_metrics
 
@@ -137,3 +137,15 @@ def test_without_a_project_nothing_goes_to_wandb(tmp_path, offline):
     writer.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": 2.0}
     assert not (tmp_path / "wandb").exists() and not (tmp_path / WANDB_RUN_ID_FILE).exists()
+
+
+def test_a_wandb_that_refuses_to_start_is_one_line_and_writes_nothing(
+    tmp_path, offline, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "not-a-mode")  # as a missing login would: init raises
+    config = to_dict(Config())
+    config["train"]["wandb_project"] = "p"
+    with pytest.raises(ConfigError) as e:
+        MetricWriter(tmp_path, config=config)
+    assert "\n" not in str(e.value) and "wandb login" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
