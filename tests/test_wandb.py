@@ -99,6 +99,11 @@ def offline(tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
     for name in ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_DIR"):
         monkeypatch.delenv(name, raising=False)
+    # wandb reads the environment once per process, into a singleton that teardown drops: each
+    # test starts from its own environment.
+    wandb.teardown()
+    yield
+    wandb.teardown()
 
 
 def test_offline_run_holds_metrics_and_config_and_resume_keeps_the_run_id(tmp_path, offline):
