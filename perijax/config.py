@@ -133,6 +133,10 @@ class TrainConfig:
     on_repeated_bad_steps: str = "rollback"  # rollback | stop
     rollback_skips_batches: bool = True  # after a rollback, continue with fresh batches
     max_rollbacks: int = 3
+    # Weights & Biases (docs/telemetry.md; the `wandb` extra): off while wandb_project is empty.
+    wandb_project: str = ""
+    wandb_entity: str = ""  # empty: the logged-in user's default entity
+    wandb_group: str = ""  # empty: the workdir's parent folder (a sweep's runs share one group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +197,9 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
+# Where a run's metrics are sent, not what it computes: runs that differ only here are one
+# experiment (perijax sweep and perijax report compare configs without them).
+TRACKING_KEYS = ("train.wandb_project", "train.wandb_entity", "train.wandb_group")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -21,8 +21,8 @@ with one line naming the setting, never approximated. The conversion conventions
 * config.json carries the keys both transformers 5.x (`rope_parameters`, `dtype`) and 4.x
   (top-level `rope_theta`, `torch_dtype`) read.
 
-safetensors files are read and written here directly (a JSON header and raw little-endian
-arrays), so neither export nor import needs torch or transformers; only the tests load the result
+safetensors files are read and written with the `safetensors` package's NumPy API (the `hf`
+extra), so neither export nor import needs torch or transformers; only the tests load the result
 with transformers.
 """
 
@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from perijax.config import Config, ConfigError, ModelConfig
+from perijax.packages import require
 
 __all__ = [
     "TARGETS",
@@ -206,9 +206,6 @@ def resolve_target(m: ModelConfig, target: str = "auto") -> Target:
 
 
 # ---------------------------------------------------------------------------- safetensors I/O
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
 def _np_dtype(name: str) -> np.dtype:
     if name == "bfloat16":
         import ml_dtypes  # installed with JAX
@@ -217,51 +214,28 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+def _safetensors_numpy():
+    """The `safetensors` package's NumPy API (no torch), from the `hf` extra."""
+    return require("safetensors.numpy", feature="perijax export/import", extra="hf",
+                   package="safetensors")  # fmt: skip
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray]) -> None:
     """Writes `tensors` (float32 / bfloat16 / float16 arrays) as one .safetensors file."""
-    names = {str(_np_dtype(v)): k for k, v in _ST_DTYPES.items()}
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers requires "pt"
-    offset = 0
-    arrays = []
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        header[name] = {
-            "dtype": names[str(a.dtype)],
-            "shape": list(a.shape),
-            "data_offsets": [offset, offset + a.nbytes],
-        }
-        offset += a.nbytes
-        arrays.append(a)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for a in arrays:
-            f.write(a.tobytes())
+    st = _safetensors_numpy()
+    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    st.save_file(arrays, str(path), metadata={"format": "pt"})  # transformers requires "pt"
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """{name: array} of one .safetensors file (memory-mapped, read-only)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        try:
-            header = json.loads(f.read(size))
-        except ValueError as e:
-            raise ConfigError(f"{path} is not a safetensors file: {e}") from e
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ConfigError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        dtype = _np_dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
-        out[name] = data[begin:end].view(dtype).reshape(info["shape"])
-    return out
+    """{name: array} of one .safetensors file."""
+    st = _safetensors_numpy()
+    from safetensors import SafetensorError
+
+    try:
+        return st.load_file(str(path))
+    except (SafetensorError, KeyError) as e:  # KeyError: a dtype NumPy has no type for
+        raise ConfigError(f"{path} is not a safetensors file NumPy can read: {e}") from e
 
 
 def read_hf_weights(hf_dir: str | Path) -> dict[str, np.ndarray]:
@@ -728,6 +702,7 @@ def export(
       ConfigError: a setting no Transformers class represents exactly (one line naming it),
         a bad dtype/target, or a non-empty `out_dir` without `force`. Nothing is written then.
     """
+    _safetensors_numpy()  # the `hf` extra, checked before anything else
     full = cfg if isinstance(cfg, Config) else None
     m = cfg.model if isinstance(cfg, Config) else cfg
     t = resolve_target(m, target)
@@ -971,6 +946,7 @@ def import_hf(
     from perijax.config import resolve
     from perijax.inference import write_checkpoint
 
+    _safetensors_numpy()  # the `hf` extra, checked before anything else
     hf_dir, out = Path(hf_dir), Path(out_workdir)
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
@@ -1075,6 +1051,7 @@ def run_export(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = 
     if overrides:
         return _fail("export takes no --config.* overrides (the checkpoint carries its config)")
     try:
+        _safetensors_numpy()  # before the checkpoint is read
         _check_out(Path(args.out), args.force)
         _, _, cfg = read_config(args.checkpoint)
         resolve_target(cfg.model, args.target)  # refuse before reading any weights

@@ -1,5 +1,5 @@
-"""Losses and metric writers: `WORKDIR/metrics.jsonl` (one JSON object per logged step) and
-TensorBoard event files, plus the one-line console progress."""
+"""Losses and metric writers: `WORKDIR/metrics.jsonl` (one JSON object per logged step),
+TensorBoard event files and, optionally, Weights & Biases, plus the one-line console progress."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from perijax import storage
+from perijax.config import ConfigError
 
 
 def cross_entropy(
@@ -34,9 +35,76 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
+WANDB_RUN_ID_FILE = "wandb_run_id"  # in the workdir: a resumed run continues the same W&B run
+
+
+def check_trackers(t_cfg: Any) -> None:
+    """Fails (MissingExtra, one line) if `train.wandb_project` is set and wandb is missing; called
+    before the trainer writes anything."""
+    if t_cfg.wandb_project:
+        _import_wandb()
+
+
+def _import_wandb():
+    from perijax.packages import require
+
+    return require("wandb", feature="train.wandb_project", extra="wandb")
+
+
+class WandbWriter:
+    """Weights & Biases logging of a run: the resolved config, the same scalars as metrics.jsonl
+    at the same steps, tags `ln_placement=...`, `lr=...`, `seed=...` and a group (train.wandb_group,
+    else the workdir's parent folder, so the runs of one sweep land in one group). The run id is
+    kept in WORKDIR/wandb_run_id, so rerunning the command (resume) continues the same W&B run;
+    W&B's own files go to WORKDIR/wandb for a local workdir (W&B's default folder for a `gs://`
+    one). WANDB_MODE=offline works with no network."""
+
+    def __init__(self, workdir, config: dict[str, Any]):
+        wandb = _import_wandb()
+        t = config["train"]
+        workdir = storage.as_path(workdir)
+        workdir = workdir if storage.is_url(workdir) else workdir.resolve()
+        id_file = workdir / WANDB_RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else None  # None: a new one
+        tags = [
+            f"ln_placement={config['model']['ln_placement']}",
+            f"lr={config['optim']['lr']:g}",
+            f"seed={t['seed']}",
+        ]
+        try:
+            self._run = wandb.init(
+                project=t["wandb_project"],
+                entity=t["wandb_entity"] or None,
+                group=t["wandb_group"] or workdir.parent.name,
+                name=workdir.name,
+                tags=tags,
+                config=config,
+                id=run_id,
+                resume="allow",
+                dir=None if storage.is_url(workdir) else str(workdir),
+                job_type="train",
+            )
+        except Exception as e:  # no login, no network, a bad entity: wandb's own message
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+            raise ConfigError(
+                f"W&B (train.wandb_project={t['wandb_project']}): {first}; run `wandb login`, "
+                "set WANDB_MODE=offline, or leave train.wandb_project empty"
+            ) from e
+        id_file.write_text(self._run.id + "\n")
+
+    def write(self, step: int, row: dict[str, float]) -> None:
+        # W&B keeps one row per step, so a train and an eval write at one step merge, as
+        # `perijax report` merges metrics.jsonl's rows.
+        self._run.log(row, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
 class MetricWriter:
-    """Appends metrics to metrics.jsonl and TensorBoard. Only the writing process creates files
-    (process 0 in a multi-host run).
+    """Appends metrics to metrics.jsonl and TensorBoard, and to Weights & Biases when `config`
+    (the resolved config, as written to config.json) sets train.wandb_project. Only the writing
+    process creates files (process 0 in a multi-host run).
 
     A local metrics.jsonl gets each row as it is written. Object storage (a `gs://` workdir)
     cannot append, so there the file is rewritten whole: at most every `upload_secs`, at every
@@ -45,17 +113,25 @@ class MetricWriter:
     """
 
     def __init__(
-        self, workdir: str | os.PathLike, *, enabled: bool = True, upload_secs: float = 30.0
+        self,
+        workdir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        config: dict[str, Any] | None = None,
+        upload_secs: float = 30.0,
     ):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         self._remote = None
         self._text: list[str] = []  # the whole remote file
         self._uploaded = 0  # rows of _text already uploaded
         self._upload_secs, self._last_upload = upload_secs, time.monotonic()
         if not enabled:
             return
+        if config and config["train"].get("wandb_project"):
+            self._wandb = WandbWriter(workdir, config)  # first: it may refuse
         path = storage.as_path(workdir) / "metrics.jsonl"
         if storage.is_url(path):
             self._remote = path
@@ -75,11 +151,13 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": int(step)}
-        for key, value in metrics.items():
-            value = float(value)
+        values = {key: float(value) for key, value in metrics.items()}
+        for key, value in values.items():
             row[key] = value if math.isfinite(value) else str(value)
             if self._tb is not None:
                 self._tb.add_scalar(key, value, int(step))
+        if self._wandb is not None:
+            self._wandb.write(int(step), values)
         line = json.dumps(row) + "\n"
         if self._remote is None:
             self._jsonl.write(line)
@@ -106,6 +184,9 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 def expand_layers(metrics: dict[str, Any]) -> dict[str, float]:

@@ -24,12 +24,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from perijax.config import TRACKING_KEYS
+
 PLACEMENTS = ("pre", "post", "peri", "output")
 FP16_MAX = 65504.0  # largest finite float16
 GROUP_KEYS = ("model.ln_placement", "optim.lr")
 # Keys that may differ between the runs of one experiment without making them different
 # experiments (seeds are aggregated; the rest only say how a run was executed).
-NOT_GROUPED = ("train.seed", "data.cache_dir", "data.num_threads", "data.prefetch")
+NOT_GROUPED = ("train.seed", "data.cache_dir", "data.num_threads", "data.prefetch", *TRACKING_KEYS)
 NOT_GROUPED_SECTIONS = ("checkpoint", "mesh", "distributed")
 GAMMA_NAMES = (
     "attn_input",
@@ -711,13 +713,18 @@ FIGURES: dict[str, Callable[..., str | None]] = {
 }
 
 
+def _require_matplotlib():
+    from perijax.packages import require
+
+    return require(
+        "matplotlib", feature="report figures", extra="report", alternative="pass --no-figures"
+    )
+
+
 def make_figures(runs: Sequence[RunResult], out: Path, lr: float | None = None) -> list[str]:
     """Writes every figure it has the metrics for; returns one note per figure (written or
     skipped and why)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return ["figures skipped: matplotlib is not installed (pip install matplotlib)"]
+    matplotlib = _require_matplotlib()
     matplotlib.use("Agg")  # files only: no display needed, works on any server
     reps = representatives(runs, lr)
     notes = []
@@ -750,6 +757,8 @@ def report(
     if lr is not None and lr not in lrs:
         have = ", ".join(f"{x:g}" for x in lrs) or "none"
         raise ValueError(f"--lr {lr:g}: no run has that learning rate (runs have: {have})")
+    if figures:
+        _require_matplotlib()  # before anything is written
     out = Path(out) if out is not None else directory / "report"
     out.mkdir(parents=True, exist_ok=True)
     groups = summarize(runs)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from perijax import report as report_lib
-from perijax.config import ConfigError
+from perijax.config import TRACKING_KEYS, ConfigError
 from perijax.launchers.common import LaunchError
 
 STATUS_FILE = "status.json"
@@ -43,7 +43,7 @@ LOG_FILE = "train.log"
 FINISHED = ("done", "diverged")  # results: never rerun; "failed" runs are retried
 # Settings that change how a run executes, not what it computes: they may differ when a sweep is
 # resumed (another machine, another cache) without making the finished runs incomparable.
-EXECUTION_KEYS = ("data.cache_dir", "data.num_threads", "data.prefetch")
+EXECUTION_KEYS = ("data.cache_dir", "data.num_threads", "data.prefetch", *TRACKING_KEYS)
 EXECUTION_SECTIONS = ("checkpoint", "mesh", "distributed")
 
 

@@ -31,6 +31,7 @@ from perijax.checkpoint import Checkpointer, resolve_restore_path
 from perijax.config import Config, ConfigError, to_dict
 from perijax.metrics import (
     MetricWriter,
+    check_trackers,
     expand_layers,
     format_duration,
     global_norm,
@@ -511,6 +512,7 @@ def train(
 
     # --- mesh: shapes are checked against the devices, the model and the batch first.
     check_backend(cfg.model)
+    check_trackers(cfg.train)
     mesh = setup_mesh(cfg, devices)
     cfg = resolve_grad_accum(cfg, mesh)
     t_cfg = cfg.train
@@ -556,7 +558,7 @@ def train(
         record_config(workdir, resolved, int(state.step))
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     start_step = int(state.step)
-    writer = MetricWriter(workdir, enabled=process == 0)
+    writer = MetricWriter(workdir, enabled=process == 0, config=resolved)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(
         f"model: {n_params:,} parameters, ln_placement={cfg.model.ln_placement}, "

@@ -102,7 +102,8 @@ def test_dockerfiles_install_the_right_jax_build(kind, jax_build):
     assert version and int(version.group(1)) >= minimum  # the base Python satisfies perijax's
     assert ("COPY", ". /opt/perijax") in steps  # the whole tree: package, configs/, launch/
     installs = [args for op, args in steps if op == "RUN" and "pip install" in args]
-    assert installs == [f"pip install -e '/opt/perijax[{kind}]'"]
+    # The tested versions (constraints.txt), with the accelerator's jax build.
+    assert installs == [f"pip install -c /opt/perijax/constraints.txt -e '/opt/perijax[{kind}]'"]
     extra = pyproject["project"]["optional-dependencies"][kind]
     assert any(dep.startswith(jax_build) for dep in extra)
     assert ("ENTRYPOINT", '["perijax"]') in steps

