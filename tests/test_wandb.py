@@ -111,7 +111,10 @@ def test_offline_run_holds_metrics_and_config_and_resume_keeps_the_run_id(tmp_pa
     train(workdir, total_steps=4)
     first_config = json.loads((workdir / "config.json").read_text())
     train(workdir, total_steps=8)  # resumes from checkpoint 4 and continues to step 8
-    config = json.loads((workdir / "config.json").read_text())
+    # config.json stays the first launch's; the resumed launch's config is the history's last.
+    history = (workdir / "config_history.jsonl").read_text().splitlines()
+    config = json.loads(history[-1])["config"]
+    assert config["train"]["total_steps"] == 8 and first_config["train"]["total_steps"] == 4
 
     files = sorted(workdir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2  # one per invocation
