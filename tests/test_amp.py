@@ -188,11 +188,6 @@ def test_bad_loss_scaling_settings_are_one_line_errors(override, message):
         config(**override)
 
 
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("perijax-cache"))
-
-
 def train_losses(workdir: Path) -> list[float]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
     return [r["train/loss"] for r in rows if "train/loss" in r]
