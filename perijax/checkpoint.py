@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from perijax import storage
@@ -146,10 +147,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def check_compatible(self, step: int, abstract_state: Any) -> None:
-        """Raises ConfigError naming the first parameter whose presence or shape differs."""
+    def check_compatible(
+        self, step: int, abstract_state: Any, defaults: dict[str, Any] | None = None
+    ) -> None:
+        """Raises ConfigError naming the first parameter whose presence or shape differs
+        (entries of `defaults` may be absent from the checkpoint)."""
         saved = self.manager.item_metadata(step)["state"]
         expected = flatten(abstract_state)
+        expected = {k: v for k, v in expected.items() if k in saved or k not in (defaults or {})}
         # Parameters first: their names say what changed (the optimizer moments mirror them).
         for key in sorted(
             set(expected) | set(saved), key=lambda k: (not k.startswith("params"), k)
@@ -172,15 +177,25 @@ class Checkpointer:
                     f"'{key}' has shape {have} in the checkpoint but {want} in the config"
                 )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None, dict]:
-        """Restores onto the shardings carried by `abstract_state` (any mesh)."""
-        self.check_compatible(step, abstract_state)
+    def restore(
+        self, step: int, abstract_state: Any, defaults: dict[str, Any] | None = None
+    ) -> tuple[Any, dict | None, dict]:
+        """Restores onto the shardings carried by `abstract_state` (any mesh). `defaults`
+        {flat key: value} fill state entries that a checkpoint written before they existed
+        lacks."""
+        self.check_compatible(step, abstract_state, defaults)
+        saved = self.manager.item_metadata(step)["state"]
+        target = flatten(abstract_state)
+        missing = {k: target.pop(k) for k in list(target) if k not in saved}
         args = {
-            "state": ocp.args.StandardRestore(flatten(abstract_state)),
+            "state": ocp.args.StandardRestore(target),
             "meta": ocp.args.JsonRestore(),
         }
         if (self.directory / str(step) / "data").exists():
             args["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        state = unflatten(abstract_state, restored["state"])
+        flat = dict(restored["state"])
+        for key, like in missing.items():
+            flat[key] = jax.device_put(np.asarray(defaults[key], like.dtype), like.sharding)
+        state = unflatten(abstract_state, flat)
         return state, restored.get("data"), restored["meta"]

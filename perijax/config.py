@@ -22,13 +22,14 @@ import ml_collections
 PLACEMENTS = ("pre", "post", "peri", "output")
 NORM_TYPES = ("rmsnorm", "layernorm")
 QK_NORMS = ("none", "per_head", "full")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_SOURCES = ("stdlib", "synthetic", "prepared")
 REMAT = ("none", "minimal", "full")
 ATTENTION = ("auto", "xla", "blockwise", "cudnn", "splash")
 ON_BAD_STEPS = ("rollback", "stop")
+MAX_LOSS_SCALE = 2.0**24  # float16 dynamic loss scaling grows the scale up to this
 
 
 class ConfigError(ValueError):
@@ -56,7 +57,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     depth_scaled_init: bool = False  # output projections use init_std / sqrt(2 * num_layers)
-    dtype: str = "auto"  # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
+    # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU; float16: with dynamic loss
+    # scaling (train.loss_scale_*) and float32 master weights
+    dtype: str = "auto"
     param_dtype: str = "float32"
     scan_layers: bool = False  # one scanned block with stacked weights: fast compiles at depth
     remat: str = "none"  # none | minimal (save weight matmuls) | full (recompute the block)
@@ -133,6 +136,11 @@ class TrainConfig:
     on_repeated_bad_steps: str = "rollback"  # rollback | stop
     rollback_skips_batches: bool = True  # after a rollback, continue with fresh batches
     max_rollbacks: int = 3
+    # Dynamic loss scaling, used with model.dtype=float16 only (docs/checkpointing.md): the loss
+    # is multiplied by the scale before differentiation; a step whose gradients overflow is not
+    # applied and halves the scale; this many consecutive finite steps double it.
+    loss_scale_init: float = 2.0**15
+    loss_scale_growth_interval: int = 2000
     # Weights & Biases (docs/telemetry.md; the `wandb` extra): off while wandb_project is empty.
     wandb_project: str = ""
     wandb_entity: str = ""  # empty: the logged-in user's default entity
@@ -463,6 +471,15 @@ def validate(cfg: Config) -> None:
     _positive(t, "train", "max_consecutive_bad_steps")
     _require(t.loss_spike_factor >= 0, "train.loss_spike_factor must be >= 0 (0 disables it)")
     _require(t.max_rollbacks >= 0, f"train.max_rollbacks must be >= 0, got {t.max_rollbacks}")
+    _require(
+        1 <= t.loss_scale_init <= MAX_LOSS_SCALE,
+        f"train.loss_scale_init must be in [1, 2**24], got {t.loss_scale_init}",
+    )
+    _positive(t, "train", "loss_scale_growth_interval")
+    _require(
+        m.dtype != "float16" or m.param_dtype == "float32",
+        "model.dtype=float16 keeps float32 master weights: set model.param_dtype=float32",
+    )
     tm = cfg.telemetry
     _positive(tm, "telemetry", "grad_spike_factor", "loss_spike_factor", "spike_window")
     _require(

@@ -28,7 +28,7 @@ from perijax import data as data_lib
 from perijax import distributed, storage
 from perijax import sharding as sharding_lib
 from perijax.checkpoint import Checkpointer, resolve_restore_path
-from perijax.config import Config, ConfigError, to_dict
+from perijax.config import MAX_LOSS_SCALE, Config, ConfigError, to_dict
 from perijax.metrics import (
     MetricWriter,
     check_trackers,
@@ -60,6 +60,17 @@ class Guard:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossScaling:
+    """Static dynamic-loss-scaling settings of float16 compute (docs/checkpointing.md). The
+    scale itself and the count of finite steps since it last changed live in the TrainState."""
+
+    growth_interval: int = 2000  # consecutive steps with finite gradients, then the scale doubles
+    backoff: float = 0.5  # on an overflow, down to 1 at least
+    growth: float = 2.0
+    max_scale: float = MAX_LOSS_SCALE
+
+
+@dataclasses.dataclass(frozen=True)
 class Spikes:
     """Static spike definitions (docs/telemetry.md)."""
 
@@ -86,11 +97,21 @@ class TrainState(struct.PyTreeNode):
     history_count: jax.Array
     grad_spikes: jax.Array
     loss_spikes: jax.Array
+    # float16 loss scaling (fixed at 1 and untouched by the step for other compute dtypes)
+    loss_scale: jax.Array
+    scale_good_steps: jax.Array  # consecutive steps with finite gradients at this scale
+    overflow_steps: jax.Array  # total steps not applied because the scaled gradients overflowed
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     lr_fn: optax.Schedule = struct.field(pytree_node=False)
     guard: Guard = struct.field(pytree_node=False, default=Guard())
     spikes: Spikes = struct.field(pytree_node=False, default=Spikes())
+    loss_scaling: LossScaling | None = struct.field(pytree_node=False, default=None)
+
+
+def initial_loss_scale(cfg: Config) -> float:
+    """`train.loss_scale_init` with float16 compute, else 1 (the loss is not scaled)."""
+    return cfg.train.loss_scale_init if compute_dtype(cfg.model) == jnp.float16 else 1.0
 
 
 def create_state(cfg: Config) -> TrainState:
@@ -114,6 +135,9 @@ def create_state(cfg: Config) -> TrainState:
         history_count=zero(),
         grad_spikes=zero(),
         loss_spikes=zero(),
+        loss_scale=jnp.asarray(initial_loss_scale(cfg), jnp.float32),
+        scale_good_steps=zero(),
+        overflow_steps=zero(),
         graphdef=graphdef,
         tx=tx,
         lr_fn=lr_schedule(cfg.optim, t.total_steps),
@@ -124,6 +148,31 @@ def create_state(cfg: Config) -> TrainState:
             cfg.telemetry.spike_window,
             cfg.telemetry.spike_min_history,
         ),
+        loss_scaling=(
+            LossScaling(t.loss_scale_growth_interval)
+            if compute_dtype(cfg.model) == jnp.float16
+            else None
+        ),
+    )
+
+
+def added_state(cfg: Config) -> dict[str, Any]:
+    """TrainState entries that checkpoints written before they existed lack, with the values a
+    resume from such a checkpoint starts them at (for `Checkpointer.restore`)."""
+    return {"loss_scale": initial_loss_scale(cfg), "scale_good_steps": 0, "overflow_steps": 0}
+
+
+def continue_loss_scale(cfg: Config, state: TrainState, meta: dict) -> TrainState:
+    """A restored state with the loss scale it continues with: the checkpoint's, unless the
+    checkpoint comes from a run that did not compute in float16 (its scale is a fixed 1), where
+    a float16 run starts from `train.loss_scale_init`."""
+    saved_dtype = meta.get("config", {}).get("model", {}).get("dtype")
+    if state.loss_scaling is None or saved_dtype == "float16":
+        return state
+    put = lambda value, like: jax.device_put(np.asarray(value, like.dtype), like.sharding)  # noqa: E731
+    return state.replace(
+        loss_scale=put(cfg.train.loss_scale_init, state.loss_scale),
+        scale_good_steps=put(0, state.scale_good_steps),
     )
 
 
@@ -219,10 +268,19 @@ def loss_and_grads(
 ):
     """Mean loss, gradient (and with `collect`, per-layer stats) over `batch` [A, B/A, T + 1],
     accumulated over the A micro-batches with a scan (all have the same token count, so the mean
-    of the micro-batch means is the full-batch mean). Returns (loss, grads[, stats])."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    of the micro-batch means is the full-batch mean). Returns (loss, grads[, stats]).
+
+    With float16 loss scaling the loss is multiplied by `state.loss_scale` before
+    differentiation, so small gradients survive float16, and the float32 gradients are divided
+    by it again (a power of two: exact); an overflow shows as non-finite gradients."""
+    grad_fn = (
+        jax.value_and_grad(loss_fn, has_aux=True)
+        if state.loss_scaling is None
+        else _scaled_grad_fn(state.loss_scale)
+    )
     if batch.shape[0] == 1:
         (loss, stats), grads = grad_fn(state.params, state.graphdef, batch[0], collect, eod_id)
+        grads = _unscale(state, grads)
         return (loss, grads, stats) if collect else (loss, grads)
 
     def accumulate(carry, micro_batch):
@@ -231,7 +289,7 @@ def loss_and_grads(
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
     (loss, grads), stats = jax.lax.scan(accumulate, zeros, batch)
-    loss, grads = jax.tree.map(lambda x: x / batch.shape[0], (loss, grads))
+    loss, grads = jax.tree.map(lambda x: x / batch.shape[0], (loss, _unscale(state, grads)))
     if not collect:
         return loss, grads
     # Stats of the whole batch: means over micro-batches, except the maximum.
@@ -240,6 +298,30 @@ def loss_and_grads(
         for sub, d in stats.items()
     }
     return loss, grads, combined
+
+
+def _scaled_grad_fn(scale: jax.Array) -> Callable:
+    """value_and_grad of `loss_fn` x `scale`, returning the unscaled loss with the (scaled)
+    gradients, in the shape `jax.value_and_grad(loss_fn, has_aux=True)` returns."""
+
+    def scaled_loss(*args):
+        loss, stats = loss_fn(*args)
+        return loss * scale, (loss, stats)
+
+    grad_fn = jax.value_and_grad(scaled_loss, has_aux=True)
+
+    def fn(*args):
+        (_, (loss, stats)), grads = grad_fn(*args)
+        return (loss, stats), grads
+
+    return fn
+
+
+def _unscale(state: TrainState, grads: Any) -> Any:
+    """Float32 gradients (model.dtype=float16 keeps float32 parameters) divided by the scale."""
+    if state.loss_scaling is None:
+        return grads
+    return jax.tree.map(lambda g: g / state.loss_scale, grads)
 
 
 def _per_layer_norms(blocks: Any, scanned: bool, num_layers: int) -> jax.Array:
@@ -317,6 +399,23 @@ def _count_spikes(state: TrainState, loss: jax.Array, grad_norm: jax.Array) -> d
     }
 
 
+def _update_loss_scale(
+    state: TrainState, amp: LossScaling, overflow: jax.Array, finite_grads: jax.Array
+) -> dict[str, jax.Array]:
+    """The next scale: x backoff after an overflow (not below 1), x growth (up to max_scale)
+    after growth_interval consecutive steps with finite gradients, else unchanged."""
+    good = jnp.where(finite_grads, state.scale_good_steps + 1, 0)
+    grow = good >= amp.growth_interval
+    scale = state.loss_scale
+    scale = jnp.where(grow, jnp.minimum(scale * amp.growth, amp.max_scale), scale)
+    scale = jnp.where(overflow, jnp.maximum(scale * amp.backoff, 1.0), scale)
+    return {
+        "loss_scale": scale,
+        "scale_good_steps": jnp.where(grow, 0, good),
+        "overflow_steps": state.overflow_steps + overflow,
+    }
+
+
 def train_step(
     state: TrainState, batch: jax.Array, telemetry_on: bool = False, eod_id: int | None = None
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -335,30 +434,40 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
 
     # Divergence guard: a bad step leaves params and optimizer state exactly as they were.
-    g = state.guard
+    g, amp = state.guard, state.loss_scaling
     ok = jnp.asarray(True)
     if g.skip_bad_steps:
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if g.loss_spike_factor > 0:
             warm = state.accepted_steps >= g.spike_warmup_steps
             ok &= ~(warm & (loss > g.loss_spike_factor * state.loss_avg))
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    applied, bad, scaling = ok, ~ok, {}
+    if amp is not None:
+        # float16 overflow: the forward loss is finite but the scaled gradients are not, and
+        # the scale can still back off. Not applied, and not a bad step: the next step retries
+        # at half the scale. Once the scale is 1 such a step is a real divergence (bad).
+        overflow = jnp.isfinite(loss) & ~jnp.isfinite(grad_norm) & (state.loss_scale > 1)
+        applied, bad = ok & ~overflow, ~ok & ~overflow
+        scaling = _update_loss_scale(state, amp, overflow, jnp.isfinite(grad_norm))
+    if g.skip_bad_steps or amp is not None:
+        keep = lambda new, old: jnp.where(applied, new, old)  # noqa: E731
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     spike_counts = _count_spikes(state, loss, grad_norm)
     n = jnp.minimum(state.accepted_steps + 1, g.spike_window).astype(jnp.float32)
-    loss_avg = jnp.where(ok, state.loss_avg + (loss - state.loss_avg) / n, state.loss_avg)
-    bad_streak = jnp.where(ok, 0, state.bad_streak + 1)
+    loss_avg = jnp.where(applied, state.loss_avg + (loss - state.loss_avg) / n, state.loss_avg)
+    bad_streak = jnp.where(applied, 0, state.bad_streak + bad)  # an overflow leaves it as is
     new_state = state.replace(
         step=state.step + 1,
         params=params,
         opt_state=opt_state,
         loss_avg=loss_avg,
-        accepted_steps=state.accepted_steps + ok,
+        accepted_steps=state.accepted_steps + applied,
         bad_streak=bad_streak,
-        skipped_steps=state.skipped_steps + (~ok),
+        skipped_steps=state.skipped_steps + bad,
         needs_rollback=state.needs_rollback | (bad_streak >= g.max_consecutive_bad_steps),
         **spike_counts,
+        **scaling,
     )
     metrics = {
         "train/loss": loss,
@@ -371,6 +480,9 @@ def train_step(
         "spikes/grad_norm": new_state.grad_spikes,
         "spikes/loss": new_state.loss_spikes,
     }
+    if amp is not None:
+        metrics["amp/loss_scale"] = new_state.loss_scale  # the scale the next step uses
+        metrics["amp/overflow_steps"] = new_state.overflow_steps
     if telemetry_on:
         metrics.update(telemetry(state, grads, params, out[2]))
     return new_state, metrics
@@ -448,7 +560,8 @@ def _restore_or_init(cfg: Config, mesh: Mesh, own: Any, log) -> tuple:
         step = step if step is not None else source.latest_step()
         if step is None:  # only incomplete steps there (a run killed during its first save)
             return init_state(cfg, mesh), None, "initialized from train.seed"
-        state, data_state, _ = source.restore(step, abstract_state(cfg, mesh))
+        state, data_state, meta = source.restore(step, abstract_state(cfg, mesh), added_state(cfg))
+        state = continue_loss_scale(cfg, state, meta)
     finally:
         source.manager.close()
     return state, data_state, how.format(directory / str(step))
@@ -723,7 +836,8 @@ def _roll_back(cfg, mesh, ckpt: Checkpointer, batches, step: int, rollbacks: int
             else f"train.max_rollbacks={t.max_rollbacks} reached"
         )
         raise TrainingDiverged(f"{report}; {why}")
-    state, data_state, _ = ckpt.restore(latest, abstract_state(cfg, mesh))
+    state, data_state, meta = ckpt.restore(latest, abstract_state(cfg, mesh), added_state(cfg))
+    state = continue_loss_scale(cfg, state, meta)
     if not t.rollback_skips_batches and data_state is not None:
         batches.set_state(data_state)
     log(

@@ -16,11 +16,6 @@ from perijax.config import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("perijax-cache"))
-
-
 def tiny(*overrides: tuple[str, str]):
     return cli._build_config(str(ROOT / "configs" / "tiny.py"), list(overrides))
 
