@@ -64,8 +64,8 @@ def check(impl: str, compute_dtype, backend: str | None = None) -> None:
         )
     if impl == "cudnn" and jnp.dtype(compute_dtype) == jnp.float32:
         raise ConfigError(
-            "model.attention=cudnn needs model.dtype=bfloat16 (the default on GPU): "
-            "set model.dtype=bfloat16 or model.attention=blockwise"
+            "model.attention=cudnn needs model.dtype=bfloat16 (the default on GPU) or float16: "
+            "set one of them or model.attention=blockwise"
         )
 
 
