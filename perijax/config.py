@@ -219,6 +219,16 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flat_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """{"section.key": value} of a config dict as `to_dict` (and config.json) holds it."""
+    return {
+        f"{section}.{key}": value
+        for section, values in config.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
+
+
 # ------------------------------------------------------------------------------------- typing
 def _allowed_types(section: type, key: str) -> tuple[type, ...]:
     hint = typing.get_type_hints(section)[key]

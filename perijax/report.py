@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from perijax.config import TRACKING_KEYS
+from perijax.config import TRACKING_KEYS, flat_dict
 
 PLACEMENTS = ("pre", "post", "peri", "output")
 FP16_MAX = 65504.0  # largest finite float16
@@ -157,15 +157,6 @@ class RunResult:
         return float(value) if isinstance(value, (int, float)) else None
 
 
-def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
-    return {
-        f"{section}.{key}": value
-        for section, values in config.items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-    }
-
-
 def infer_status(config: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The state of a run without status.json (e.g. launched from `perijax sweep --emit`
     commands): diverged if its last train or eval loss is not finite, done if it reached
@@ -192,7 +183,7 @@ def load_run(path: Path) -> RunResult:
         except (OSError, ValueError):
             return None
 
-    config = _flat_config(read("config.json") or {})
+    config = flat_dict(read("config.json") or {})
     rows = read_metrics(path / "metrics.jsonl")
     status = read("status.json")
     if not config and status and status.get("overrides"):

@@ -28,7 +28,7 @@ from perijax import data as data_lib
 from perijax import distributed, storage
 from perijax import sharding as sharding_lib
 from perijax.checkpoint import Checkpointer, resolve_restore_path
-from perijax.config import MAX_LOSS_SCALE, Config, ConfigError, to_dict
+from perijax.config import MAX_LOSS_SCALE, Config, ConfigError, flat_dict, to_dict
 from perijax.metrics import (
     MetricWriter,
     check_trackers,
@@ -567,16 +567,6 @@ def _restore_or_init(cfg: Config, mesh: Mesh, own: Any, log) -> tuple:
     return state, data_state, how.format(directory / str(step))
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def record_config(workdir: Any, resolved: dict[str, Any], step: int) -> None:
     """WORKDIR/config.json is the config of the run's first launch and is never replaced. A
     later launch whose resolved config differs from the one in effect appends a line
@@ -590,7 +580,7 @@ def record_config(workdir: Any, resolved: dict[str, Any], step: int) -> None:
             return
         lines = history.read_text().splitlines() if history.exists() else []
         current = json.loads(lines[-1])["config"] if lines else json.loads(first.read_text())
-        old, new = _flat(current), _flat(resolved)
+        old, new = flat_dict(current), flat_dict(resolved)
         changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))}
         changed = {k: v for k, v in changed.items() if v[0] != v[1]}
         if changed:
