@@ -429,14 +429,15 @@ def splash_attention(
 
     from perijax.sharding import logical_to_spec
 
-    b, t, h, dh = q.shape
+    t, dh = q.shape[1], q.shape[-1]
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
-    seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     mesh = jax.sharding.get_abstract_mesh()
     mesh = None if mesh.empty else mesh
+    # Segment ids only with documents: without them the kernel masks by causality alone.
+    segs = () if segment_ids is None else (segment_ids.astype(jnp.int32),)
 
-    def kernel(q, k, v, seg):  # one shard: q [b, H, T, Dh], k, v [b, K, S, Dh], seg [b, T]
+    def kernel(q, k, v, *seg):  # one shard: q [b, H, T, Dh], k, v [b, K, S, Dh], seg [b, T]
         mask = sm.MultiHeadMask([sm.CausalMask((t, t))] * q.shape[1])
         fn = sk.make_splash_mha(
             mask,
@@ -445,8 +446,11 @@ def splash_attention(
             q_seq_shards=1,
             interpret=interpret,
         )
-        one = lambda q, k, v, s: fn(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s))  # noqa: E731
-        return jax.vmap(one)(q * (1.0 / math.sqrt(dh)), k, v, seg)
+
+        def one(q, k, v, *s):
+            return fn(q, k, v, segment_ids=sk.SegmentIds(q=s[0], kv=s[0]) if s else None)
+
+        return jax.vmap(one)(q * (1.0 / math.sqrt(dh)), k, v, *seg)
 
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     if mesh is not None:
@@ -456,8 +460,8 @@ def splash_attention(
         kernel = jax.shard_map(
             kernel,
             mesh=mesh,
-            in_specs=(spec, spec, spec, seg_spec),
+            in_specs=(spec, spec, spec) + (seg_spec,) * len(segs),
             out_specs=spec,
             check_vma=False,
         )
-    return kernel(q, k, v, seg).transpose(0, 2, 1, 3)
+    return kernel(q, k, v, *segs).transpose(0, 2, 1, 3)
