@@ -258,15 +258,18 @@ def blockwise_attention(
     bk = block_kv or block_len(t)
     if t % bq or t % bk or k.shape[1] != t:
         raise ValueError(f"blocks {bq}, {bk} must divide the sequence length {t} (self-attention)")
-    seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-    out = _flash(_group(q, k.shape[2]), k, v, seg.astype(jnp.int32), bq, bk)
+    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    out = _flash(_group(q, k.shape[2]), k, v, seg, bq, bk)
     return out.reshape(q.shape)
 
 
 def _tile_mask(seg, i0, j0, bq, bk):
-    """[B, 1, 1, bq, bk] True where query i0 + a may attend to key j0 + c."""
+    """[B or 1, 1, 1, bq, bk] True where query i0 + a may attend to key j0 + c (seg: [B, T]
+    document ids, or None: causal only)."""
     qi = i0 + jnp.arange(bq)[:, None]
     kj = j0 + jnp.arange(bk)[None, :]
+    if seg is None:
+        return (qi >= kj)[None, None, None]
     sq = jax.lax.dynamic_slice_in_dim(seg, i0, bq, axis=1)
     sk = jax.lax.dynamic_slice_in_dim(seg, j0, bk, axis=1)
     return ((qi >= kj)[None] & (sq[:, :, None] == sk[:, None, :]))[:, None, None]
