@@ -4,6 +4,7 @@ TensorBoard event files and, optionally, Weights & Biases, plus the one-line con
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -143,6 +144,9 @@ class MetricWriter:
         try:
             from tensorboardX import SummaryWriter
 
+            # A diverged run logs NaN on purpose (metrics.jsonl keeps it as "nan");
+            # tensorboardX would warn once per scalar per step.
+            logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
             self._tb = SummaryWriter(str(workdir), flush_secs=10)
         except ImportError:  # TensorBoard output is optional; metrics.jsonl is not
             self._tb = None
