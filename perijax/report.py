@@ -120,7 +120,7 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _finite(value: Any) -> bool:
+def is_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -236,7 +236,7 @@ class Stat:
 
     @classmethod
     def of(cls, values: Sequence[float | None]) -> Stat:
-        values = [v for v in values if _finite(v)]
+        values = [v for v in values if is_finite(v)]
         if not values:
             return cls(None, None, 0)
         std = statistics.stdev(values) if len(values) > 1 else None
@@ -264,7 +264,7 @@ def group_keys(runs: Sequence[RunResult]) -> list[str]:
     return keys
 
 
-def _sort_value(key: str, value: Any) -> tuple:
+def sort_value(key: str, value: Any) -> tuple:
     if key == "model.ln_placement" and value in PLACEMENTS:
         return (0, PLACEMENTS.index(value), "")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -285,7 +285,7 @@ def summarize(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
         groups.setdefault(tuple(run.config.get(k) for k in keys), []).append(run)
     out = []
     for values in sorted(
-        groups, key=lambda v: [_sort_value(k, x) for k, x in zip(keys, v, strict=True)]
+        groups, key=lambda v: [sort_value(k, x) for k, x in zip(keys, v, strict=True)]
     ):
         members = groups[values]
         done = [r for r in members if r.state == "done"]
@@ -305,10 +305,153 @@ def summarize(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                 "max_abs": max((v for v in max_abs if v is not None), default=None),
                 "grad_spread": _median([_last_step_layers(r, GRAD_NORM_LAYER) for r in done]),
                 "final_var": _median([_last_step_layers(r, RESID_VAR_LAYER) for r in done]),
+                "var_growth": _median([_resid_var_growth(r) for r in done]),
                 "members": [r.name for r in members],
             }
         )
     return out
+
+
+# -------------------------------------------------------------------------------- stability
+# A run is unstable if it diverged (a non-finite loss; the trainer marks it "diverged") or blew
+# up: a train loss logged after step 0 rose above BLOWUP_FACTOR x its loss at initialization, so
+# training made the model worse than the random one it started from. A blown-up run often
+# settles at a finite, poor loss (e.g. the unigram entropy) and would pass a NaN-only test.
+BLOWUP_FACTOR = 1.1
+
+
+def initial_loss(run: RunResult) -> float | None:
+    """The run's loss at initialization: its step-0 eval loss, else ln(vocab size) (the loss of
+    a uniform prediction), else None."""
+    for row in run.rows:
+        if row["step"] == 0 and is_finite(row.get("eval/loss")):
+            return float(row["eval/loss"])
+    vocab = run.config.get("model.vocab_size")
+    return math.log(vocab) if isinstance(vocab, int) and vocab > 1 else None
+
+
+def blew_up_at(run: RunResult) -> int | None:
+    """The first step after 0 whose finite train loss exceeds BLOWUP_FACTOR x the loss at
+    initialization; None if none does or the initial loss is unknown."""
+    start = initial_loss(run)
+    if start is None:
+        return None
+    for step, loss in zip(*series(run.rows, "train/loss"), strict=True):
+        if step > 0 and math.isfinite(loss) and loss > BLOWUP_FACTOR * start:
+            return step
+    return None
+
+
+def is_stable(run: RunResult) -> bool | None:
+    """True: finished without diverging or blowing up; False: diverged or blew up; None: did
+    not finish (still running, stopped early, failed)."""
+    if run.state == "diverged":
+        return False
+    if run.state != "done":
+        return None
+    return blew_up_at(run) is None
+
+
+def stability_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Per placement (x every other varying key but lr): the learning rates tried, the largest
+    at which every finished run was stable, the smallest at which one was not, and the best
+    (lowest mean final eval loss, else train loss, among lrs where every finished run was
+    stable) with the seeds' mean and sample std there. `interior`: the best lr has a tried lr
+    on each side, so the optimum is bracketed."""
+    keys = [k for k in group_keys(runs) if k != "optim.lr"]
+    key = "eval/loss" if any(r.final("eval/loss") is not None for r in runs) else "train/loss"
+    settings: dict[tuple, list[RunResult]] = {}
+    for run in runs:
+        if run.lr is not None:
+            settings.setdefault(tuple(run.config.get(k) for k in keys), []).append(run)
+    table = []
+    for values in sorted(
+        settings, key=lambda v: [sort_value(k, x) for k, x in zip(keys, v, strict=True)]
+    ):
+        by_lr: dict[float, list[RunResult]] = {}
+        for run in settings[values]:
+            by_lr.setdefault(run.lr, []).append(run)
+        lrs = sorted(by_lr)
+        verdicts = {x: [is_stable(r) for r in by_lr[x] if is_stable(r) is not None] for x in lrs}
+        stable = [x for x in lrs if verdicts[x] and all(verdicts[x])]
+        unstable = [x for x in lrs if not all(verdicts[x])]
+        scores = {x: Stat.of([r.final(key) for r in by_lr[x] if r.state == "done"]) for x in stable}
+        scored = [x for x in stable if scores[x].mean is not None]
+        best = min(scored, key=lambda x: scores[x].mean) if scored else None
+        table.append(
+            {
+                "keys": dict(zip(keys, values, strict=True)),
+                "lrs": lrs,
+                "largest_stable": stable[-1] if stable else None,
+                "smallest_unstable": unstable[0] if unstable else None,
+                "unstable_runs": sum(v is False for x in lrs for v in verdicts[x]),
+                "finished_runs": sum(len(verdicts[x]) for x in lrs),
+                "best_lr": best,
+                "interior": best is not None and lrs[0] < best < lrs[-1],
+                "at_best": scores[best] if best is not None else Stat(None, None, 0),
+                "metric": key,
+            }
+        )
+    return table
+
+
+def stability_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    keys = list(rows[0]["keys"]) if rows else ["model.ln_placement"]
+    metric = rows[0]["metric"] if rows else "eval/loss"
+    header = [_key_label(k) for k in keys] + [
+        "lrs tried",
+        "unstable runs",
+        "largest stable lr",
+        "smallest unstable lr",
+        "best lr",
+        "best lr interior",
+        f"final {metric} at best lr",
+        "seed std at best lr",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lrs, at = row["lrs"], row["at_best"]
+        cells = [_fmt_value(v) for v in row["keys"].values()] + [
+            f"{len(lrs)}: {lrs[0]:g} … {lrs[-1]:g}" if len(lrs) > 1 else f"{lrs[0]:g}",
+            f"{row['unstable_runs']}/{row['finished_runs']}",
+            _fmt_value(row["largest_stable"]) if row["largest_stable"] else "none",
+            _fmt_value(row["smallest_unstable"]) if row["smallest_unstable"] else "none tried",
+            _fmt_value(row["best_lr"]) if row["best_lr"] else "–",
+            ("yes" if row["interior"] else "no (at the grid's edge)") if row["best_lr"] else "–",
+            "–" if at.mean is None else f"{at.mean:.4f} (n={at.n})",
+            "–" if at.std is None else f"{at.std:.4f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_stability_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    keys = list(rows[0]["keys"]) if rows else ["model.ln_placement"]
+    header = [_key_label(k) for k in keys] + [
+        "lrs",
+        "unstable_runs",
+        "finished_runs",
+        "largest_stable_lr",
+        "smallest_unstable_lr",
+        "best_lr",
+        "best_lr_interior",
+        "metric",
+        "at_best_mean",
+        "at_best_std",
+        "at_best_n",
+    ]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for row in rows:
+            at = row["at_best"]
+            writer.writerow(
+                list(row["keys"].values())
+                + [" ".join(f"{x:g}" for x in row["lrs"]), row["unstable_runs"]]
+                + [row["finished_runs"], _csv(row["largest_stable"])]
+                + [_csv(row["smallest_unstable"]), _csv(row["best_lr"]), row["interior"]]
+                + [row["metric"], _csv(at.mean), _csv(at.std), at.n]
+            )
 
 
 GRAD_NORM_LAYER = re.compile(r"^stability/grad_norm/(\d+)$")
@@ -319,16 +462,27 @@ def _last_step_layers(run: RunResult, pattern: re.Pattern) -> float | None:
     """At the last step that logged `pattern`'s per-layer values: for gradient norms the largest
     over the smallest layer value (1 = perfectly uniform), for residual variance the value
     after the last block. None without those metrics."""
-    rows = _rows_with(run, pattern)
+    rows = rows_with(run, pattern)
     if not rows:
         return None
-    values = _layer_values(rows[-1], pattern)
+    values = layer_values(rows[-1], pattern)
     if len(values) < 2:
         return None
     if pattern is RESID_VAR_LAYER:
         return values[max(values)]
     low, high = min(values.values()), max(values.values())
     return high / low if low > 0 else math.inf
+
+
+def _resid_var_growth(run: RunResult) -> float | None:
+    """Residual variance after the last block over that after the first, at the last step that
+    logged them: how much the residual stream's variance grows with depth."""
+    rows = rows_with(run, RESID_VAR_LAYER)
+    values = layer_values(rows[-1], RESID_VAR_LAYER) if rows else {}
+    if len(values) < 2:
+        return None
+    first = values[min(values)]
+    return values[max(values)] / first if first > 0 else math.inf
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -338,23 +492,36 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 def _max_abs(run: RunResult) -> float | None:
     """The largest |h| the run ever logged (stability/max_abs, else the per-layer maxima)."""
-    steps, values = _max_abs_series(run)
+    steps, values = max_abs_series(run)
     finite = [v for v in values if math.isfinite(v)]
     return max(finite) if finite else None
 
 
-def _max_abs_series(run: RunResult) -> tuple[list[int], list[float]]:
+def max_abs_series(run: RunResult) -> tuple[list[int], list[float]]:
     steps, values = series(run.rows, "stability/max_abs")
     if steps:
         return steps, values
     pattern = re.compile(r"^stability/max_abs/\d+/(attn|mlp)$")
     steps, values = [], []
     for row in run.rows:
-        layer_values = [float(v) for k, v in row.items() if pattern.match(k) and _finite(v)]
+        layer_values = [float(v) for k, v in row.items() if pattern.match(k) and is_finite(v)]
         if layer_values:
             steps.append(row["step"])
             values.append(max(layer_values))
     return steps, values
+
+
+def layer_values(row: dict[str, Any], pattern: re.Pattern) -> dict[int, float]:
+    out = {}
+    for key, value in row.items():
+        m = pattern.match(key)
+        if m and isinstance(value, (int, float)):
+            out[int(m.group(1))] = float(value)
+    return out
+
+
+def rows_with(run: RunResult, pattern: re.Pattern) -> list[dict[str, Any]]:
+    return [r for r in run.rows if any(pattern.match(k) for k in r)]
 
 
 def _key_label(key: str) -> str:
@@ -379,6 +546,7 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
         "max abs(h)",
         "layer grad-norm max/min",
         "resid var after last block",
+        "resid var last/first block",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
@@ -394,6 +562,7 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
             "–" if g["max_abs"] is None else f"{g['max_abs']:.3g}",
             "–" if g["grad_spread"] is None else f"{g['grad_spread']:.3g}",
             "–" if g["final_var"] is None else f"{g['final_var']:.3g}",
+            "–" if g["var_growth"] is None else f"{g['var_growth']:.3g}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -404,7 +573,7 @@ def write_csv(groups: Sequence[dict[str, Any]], path: Path) -> None:
     stats = ("train_loss", "eval_loss", "grad_norm_spikes", "loss_spikes")
     header = [_key_label(k) for k in keys] + ["runs", "diverged", "failed", "unfinished"]
     header += [f"{s}_{part}" for s in stats for part in ("mean", "std", "n")]
-    header += ["max_abs", "grad_spread_median", "final_resid_var_median"]
+    header += ["max_abs", "grad_spread_median", "final_resid_var_median", "resid_var_growth_median"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -414,6 +583,7 @@ def write_csv(groups: Sequence[dict[str, Any]], path: Path) -> None:
             for s in stats:
                 row += [_csv(g[s].mean), _csv(g[s].std), g[s].n]
             row += [_csv(g["max_abs"]), _csv(g["grad_spread"]), _csv(g["final_var"])]
+            row.append(_csv(g["var_growth"]))
             writer.writerow(row)
 
 
@@ -423,7 +593,8 @@ def _csv(value: float | None) -> str:
 
 def write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
     """One line per run: where every number in the table comes from."""
-    header = ["run", "placement", "lr", "seed", "state", "diverged_at_step", "last_step"]
+    header = ["run", "placement", "lr", "seed", "state", "diverged_at_step", "blew_up_at_step"]
+    header.append("last_step")
     keys = ["train/loss", "eval/loss", "spikes/grad_norm", "spikes/loss", "guard/skipped_steps"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -431,299 +602,11 @@ def write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
         for r in runs:
             last = r.rows[-1]["step"] if r.rows else ""
             at = r.status.get("diverged_at_step")
-            row = [r.name, r.placement, r.lr, r.seed, r.state, "" if at is None else at, last]
+            blew = blew_up_at(r)
+            row = [r.name, r.placement, r.lr, r.seed, r.state, "" if at is None else at]
+            row += ["" if blew is None else blew, last]
             row += [_csv(r.final(k)) for k in keys] + [r.status.get("seconds", "")]
             writer.writerow(row)
-
-
-# ------------------------------------------------------------------------------------ figures
-def representatives(runs: Sequence[RunResult], lr: float | None = None) -> dict[str, RunResult]:
-    """One run per placement for the per-run figures: at `lr` if given, else at the largest lr
-    where every placement has a run that did not diverge (the setting that stresses them most
-    while all still train), else at the smallest lr; the lowest seed that did not diverge."""
-    placements = sorted(
-        {r.placement for r in runs}, key=lambda p: _sort_value("model.ln_placement", p)
-    )
-    lrs = sorted({r.lr for r in runs if r.lr is not None})
-    if lr is None and lrs:
-
-        def all_train(x: float) -> bool:
-            return all(
-                any(r.lr == x and r.placement == p and r.state != "diverged" for r in runs)
-                for p in placements
-            )
-
-        common = [x for x in lrs if all_train(x)]
-        lr = common[-1] if common else lrs[0]
-    chosen = {}
-    for p in placements:
-        candidates = [r for r in runs if r.placement == p and (lr is None or r.lr == lr)]
-        candidates = [r for r in candidates if r.rows]
-        if candidates:
-            candidates.sort(key=lambda r: (r.state == "diverged", r.seed, r.name))
-            chosen[p] = candidates[0]
-    return chosen
-
-
-def _plot_layers(ax, by_layer: dict[int, float], *, color, label: str) -> None:
-    """One line of a per-layer quantity against the layer index."""
-    layers = sorted(by_layer)
-    ax.plot(layers, [by_layer[x] for x in layers], marker="o", ms=3, color=color, label=label)
-
-
-def _layer_values(row: dict[str, Any], pattern: re.Pattern) -> dict[int, float]:
-    out = {}
-    for key, value in row.items():
-        m = pattern.match(key)
-        if m and isinstance(value, (int, float)):
-            out[int(m.group(1))] = float(value)
-    return out
-
-
-def _rows_with(run: RunResult, pattern: re.Pattern) -> list[dict[str, Any]]:
-    return [r for r in run.rows if any(pattern.match(k) for k in r)]
-
-
-def _colors(placements: Sequence[str]) -> dict[str, Any]:
-    palette = {"pre": "tab:blue", "post": "tab:red", "peri": "tab:green", "output": "tab:orange"}
-    return {p: palette.get(p, "tab:gray") for p in placements}
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def fig_resid_var(reps: dict[str, RunResult], path: Path) -> str | None:
-    """Residual-stream variance after each block (stability/resid_var/LL/mlp; LL/attn where a
-    block has no mlp entry) vs layer, at up to 4 points in training, one panel per placement."""
-    import matplotlib.pyplot as plt
-
-    pattern = re.compile(r"^stability/resid_var/(\d+)/(mlp|attn)$")
-    panels = {p: _rows_with(r, pattern) for p, r in reps.items()}
-    panels = {p: rows for p, rows in panels.items() if rows}
-    if not panels:
-        return "no run has stability/resid_var/* metrics"
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
-    cmap = plt.get_cmap("viridis")
-    for ax, (placement, rows) in zip(axes[0], panels.items(), strict=True):
-        picks = sorted({round(i * (len(rows) - 1) / 3) for i in range(4)})
-        for j, idx in enumerate(picks):
-            row = rows[idx]
-            by_layer = _block_output(row, "resid_var")
-            _plot_layers(
-                ax, by_layer, color=cmap(j / max(len(picks) - 1, 1)), label=f"step {row['step']}"
-            )
-        ax.set_yscale("log")
-        ax.set_title(f"{placement} ({reps[placement].name})", fontsize=8)
-        ax.set_xlabel("layer")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("Var(residual stream) after block")
-    _save(fig, path)
-    return None
-
-
-def _block_output(row: dict[str, Any], metric: str) -> dict[int, float]:
-    """Per layer, the value after the block (after its mlp sublayer; after attn if only that
-    is logged)."""
-    attn = _layer_values(row, re.compile(rf"^stability/{metric}/(\d+)/attn$"))
-    mlp = _layer_values(row, re.compile(rf"^stability/{metric}/(\d+)/mlp$"))
-    return {**attn, **mlp}
-
-
-def fig_layer_grad_norm(reps: dict[str, RunResult], path: Path) -> str | None:
-    """Per-layer gradient norm (stability/grad_norm/LL) at the first logged step (the nearest to
-    initialization: step 0 has no train metrics) and the last."""
-    import matplotlib.pyplot as plt
-
-    pattern = GRAD_NORM_LAYER
-    data = {p: _rows_with(r, pattern) for p, r in reps.items()}
-    data = {p: rows for p, rows in data.items() if rows}
-    if not data:
-        return "no run has stability/grad_norm/LL metrics"
-    colors = _colors(list(data))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-    panels = ((axes[0], 0, "first logged step"), (axes[1], -1, "last logged step"))
-    for ax, which, title in panels:
-        for placement, rows in data.items():
-            values = _layer_values(rows[which], pattern)
-            label = f"{placement} (step {rows[which]['step']})"
-            _plot_layers(ax, values, color=colors[placement], label=label)
-        ax.set_yscale("log")
-        ax.set_title(f"per-layer gradient norm, {title}", fontsize=9)
-        ax.set_xlabel("layer")
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("‖∇ layer‖")
-    _save(fig, path)
-    return None
-
-
-def fig_grad_norm_steps(reps: dict[str, RunResult], path: Path) -> str | None:
-    """Global gradient norm (train/grad_norm) vs step; x marks steps where the trainer's running
-    spike count (spikes/grad_norm) went up."""
-    import matplotlib.pyplot as plt
-
-    data = {p: r for p, r in reps.items() if series(r.rows, "train/grad_norm")[0]}
-    if not data:
-        return "no run has train/grad_norm"
-    colors = _colors(list(data))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    for placement, run in data.items():
-        steps, values = series(run.rows, "train/grad_norm")
-        ax.plot(steps, values, lw=1, color=colors[placement], label=f"{placement} ({run.name})")
-        s_steps, counts = series(run.rows, "spikes/grad_norm")
-        norm_at = dict(zip(steps, values, strict=True))
-        previous = 0.0
-        for s, c in zip(s_steps, counts, strict=True):
-            if c > previous and s in norm_at and math.isfinite(norm_at[s]):
-                ax.plot([s], [norm_at[s]], "x", color=colors[placement], ms=7)
-            previous = c
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("global gradient norm")
-    ax.legend(fontsize=7)
-    _save(fig, path)
-    return None
-
-
-def fig_loss_vs_lr(runs: Sequence[RunResult], path: Path) -> str | None:
-    """Final loss (eval/loss, else train/loss) of every run vs lr per placement; the line joins
-    the means over seeds of the runs that did not diverge; diverged runs are x marks at the top."""
-    import matplotlib.pyplot as plt
-
-    key = "eval/loss" if any(r.final("eval/loss") is not None for r in runs) else "train/loss"
-    usable = [r for r in runs if r.lr is not None and r.state in ("done", "diverged")]
-    if not usable:
-        return "no finished run with optim.lr in its config"
-    placements = sorted(
-        {r.placement for r in usable}, key=lambda p: _sort_value("model.ln_placement", p)
-    )
-    colors = _colors(placements)
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    finite = [r.final(key) for r in usable if r.state == "done" and _finite(r.final(key))]
-    top = max(finite) if finite else 1.0
-    bottom = min(finite) if finite else 0.0
-    mark_at = top + 0.08 * max(top - bottom, 0.1)
-    for placement in placements:
-        mine = [r for r in usable if r.placement == placement]
-        ok = [r for r in mine if r.state == "done" and _finite(r.final(key))]
-        ax.scatter(
-            [r.lr for r in ok], [r.final(key) for r in ok], s=12, alpha=0.5, color=colors[placement]
-        )
-        lrs = sorted({r.lr for r in ok})
-        means = [statistics.fmean(r.final(key) for r in ok if r.lr == x) for x in lrs]
-        ax.plot(lrs, means, marker="o", color=colors[placement], label=placement)
-        # One x per lr with "k/n" beside it; placements are nudged apart so none hides another.
-        nudge = 1.06 ** (placements.index(placement) - (len(placements) - 1) / 2)
-        for x in sorted({r.lr for r in mine if r.state == "diverged"}):
-            at_x = [r for r in mine if r.lr == x]
-            k = sum(r.state == "diverged" for r in at_x)
-            ax.scatter([x * nudge], [mark_at], marker="x", s=50, color=colors[placement])
-            ax.annotate(
-                f"{k}/{len(at_x)}",
-                (x * nudge, mark_at),
-                xytext=(4, 3),
-                textcoords="offset points",
-                fontsize=7,
-                color=colors[placement],
-            )
-    ax.axhline(mark_at, color="0.8", lw=0.5)
-    ax.text(0.01, mark_at, " diverged", transform=ax.get_yaxis_transform(), va="bottom", fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel(f"final {key}")
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return None
-
-
-def fig_max_abs(reps: dict[str, RunResult], path: Path) -> str | None:
-    """Largest |hidden state| (stability/max_abs, else the max of stability/max_abs/LL/SUB) vs
-    step, against the float16 limit 65,504."""
-    import matplotlib.pyplot as plt
-
-    data = {p: _max_abs_series(r) for p, r in reps.items()}
-    data = {p: s for p, s in data.items() if s[0]}
-    if not data:
-        return "no run has stability/max_abs metrics"
-    colors = _colors(list(data))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    for placement, (steps, values) in data.items():
-        ax.plot(steps, values, lw=1, color=colors[placement], label=placement)
-    ax.axhline(FP16_MAX, color="k", ls="--", lw=1, label="float16 max (65,504)")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("max |h|")
-    ax.legend(fontsize=7)
-    _save(fig, path)
-    return None
-
-
-def fig_gamma(reps: dict[str, RunResult], path: Path) -> str | None:
-    """Mean learned norm scale γ per layer at the last logged step (stability/gamma/LL/NAME),
-    one panel per norm the placements have."""
-    import matplotlib.pyplot as plt
-
-    pattern = re.compile(r"^stability/gamma/(\d+)/(\w+)$")
-    last = {}
-    for placement, run in reps.items():
-        rows = _rows_with(run, pattern)
-        if rows:
-            last[placement] = rows[-1]
-    names = [n for n in GAMMA_NAMES if any(f"stability/gamma/00/{n}" in r for r in last.values())]
-    names += sorted(
-        {m.group(2) for r in last.values() for k in r if (m := pattern.match(k))} - set(names)
-    )
-    if not names:
-        return "no run has stability/gamma/* metrics"
-    colors = _colors(list(last))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        for placement, row in last.items():
-            values = _layer_values(row, re.compile(rf"^stability/gamma/(\d+)/{name}$"))
-            if values:
-                _plot_layers(ax, values, color=colors[placement], label=placement)
-        ax.set_title(f"γ of {name}_norm", fontsize=9)
-        ax.set_xlabel("layer")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("mean γ (last step)")
-    _save(fig, path)
-    return None
-
-
-FIGURES: dict[str, Callable[..., str | None]] = {
-    "resid_var_per_layer.png": fig_resid_var,
-    "grad_norm_per_layer.png": fig_layer_grad_norm,
-    "grad_norm_vs_step.png": fig_grad_norm_steps,
-    "loss_vs_lr.png": fig_loss_vs_lr,
-    "max_abs_vs_step.png": fig_max_abs,
-    "gamma_per_layer.png": fig_gamma,
-}
-
-
-def _require_matplotlib():
-    from perijax.packages import require
-
-    return require(
-        "matplotlib", feature="report figures", extra="report", alternative="pass --no-figures"
-    )
-
-
-def make_figures(runs: Sequence[RunResult], out: Path, lr: float | None = None) -> list[str]:
-    """Writes every figure it has the metrics for; returns one note per figure (written or
-    skipped and why)."""
-    matplotlib = _require_matplotlib()
-    matplotlib.use("Agg")  # files only: no display needed, works on any server
-    reps = representatives(runs, lr)
-    notes = []
-    for name, make in FIGURES.items():
-        target = runs if make is fig_loss_vs_lr else reps
-        why = make(target, out / name)
-        notes.append(f"{name}: skipped ({why})" if why else f"{name}: written")
-    return notes
 
 
 # ------------------------------------------------------------------------------------- report
@@ -735,8 +618,9 @@ def report(
     figures: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Reads the runs under `directory`, prints the table, writes OUT/{summary.md, summary.csv,
-    runs.csv, *.png} (OUT defaults to DIRECTORY/report); returns the table's groups."""
+    """Reads the runs under `directory`, prints the tables, writes OUT/{summary.md, summary.csv,
+    stability.csv, runs.csv, *.png} (OUT defaults to DIRECTORY/report); returns the table's
+    groups."""
     directory = Path(directory)
     runs = find_runs(directory)
     if not runs:
@@ -749,18 +633,18 @@ def report(
         have = ", ".join(f"{x:g}" for x in lrs) or "none"
         raise ValueError(f"--lr {lr:g}: no run has that learning rate (runs have: {have})")
     if figures:
-        _require_matplotlib()  # before anything is written
+        from perijax import report_figures
+
+        report_figures.require_matplotlib()  # before anything is written
     out = Path(out) if out is not None else directory / "report"
     out.mkdir(parents=True, exist_ok=True)
     groups = summarize(runs)
     table = markdown_table(groups)
+    stability = stability_table(runs)
+    edge = stability_markdown(stability)
     notes = _run_notes(runs, directory)
-    reps = representatives(runs, lr)
     if figures:
-        notes += make_figures(runs, out, lr)
-        if reps:
-            chosen = ", ".join(f"{p}: {r.name}" for p, r in reps.items())
-            notes.append(f"per-run figures show {chosen}")
+        notes += report_figures.make_figures(runs, out, lr)
     body = io.StringIO()
     body.write(f"# Report: {directory}\n\n{table}\n\n")
     body.write(
@@ -768,18 +652,30 @@ def report(
         "diverged runs are counted in `diverged`, not averaged. Spikes: the trainer's running "
         "counts at the last step, averaged over runs. Max abs(h): the largest |hidden state| any "
         "run logged. Layer grad-norm max/min (1 = uniform across layers; inf: a layer's gradient "
-        "underflowed to 0) and resid var after the last block: at the last logged step, median "
-        "over the finished runs.\n"
+        "underflowed to 0), resid var after the last block and its ratio to that after the "
+        "first block: at the last logged step, median over the finished runs.\n"
+    )
+    body.write(f"\n## Stability per learning rate\n\n{edge}\n\n")
+    body.write(
+        f"Unstable: diverged (a non-finite loss) or blew up (a train loss after step 0 above "
+        f"{BLOWUP_FACTOR:g} x the loss at initialization: the step-0 eval loss, else ln(vocab)). "
+        "Largest stable lr: the largest at which every finished run was stable; best lr: the "
+        "lowest mean final loss among those; interior: a tried lr lies on each side of it. "
+        "Seed std: sample std over the seeds at the best lr.\n"
     )
     if notes:
         body.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     (out / "summary.md").write_text(body.getvalue(), encoding="utf-8")
     write_csv(groups, out / "summary.csv")
+    write_stability_csv(stability, out / "stability.csv")
     write_runs_csv(runs, out / "runs.csv")
     log(table)
+    log("")
+    log(edge)
     for note in notes:
         log(f"- {note}")
-    log(f"written: {out}/summary.md, summary.csv, runs.csv" + (", *.png" if figures else ""))
+    written = "summary.md, summary.csv, stability.csv, runs.csv"
+    log(f"written: {out}/{written}" + (", *.png" if figures else ""))
     return groups
 
 
@@ -792,6 +688,12 @@ def _run_notes(runs: Sequence[RunResult], directory: Path) -> list[str]:
             notes.append(f"failed: {r.name}: {r.status.get('error', '')}")
         elif r.state != "done":
             notes.append(f"not finished: {r.name} ({r.state})")
+        elif (step := blew_up_at(r)) is not None:
+            start = initial_loss(r)
+            notes.append(
+                f"blew up: {r.name} at step {step} (train loss above {BLOWUP_FACTOR:g} x "
+                f"{start:.4f} at initialization)"
+            )
     present = {r.name for r in runs}
     missing = [n for n in _sweep_run_names(directory) if n not in present]
     if missing:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perijax import report
+from perijax import report, report_figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = 4
@@ -167,7 +167,7 @@ def test_table_numbers_match_an_independent_computation(sweep_root, tmp_path):
 def test_every_figure_is_a_png(sweep_root, tmp_path):
     out = tmp_path / "out"
     report.report(sweep_root, out, log=lambda s: None)
-    for name in report.FIGURES:
+    for name in report_figures.FIGURES:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
     summary = (out / "summary.md").read_text()
@@ -182,12 +182,12 @@ def test_figures_pick_the_largest_lr_where_every_placement_trains(tmp_path):
         write_run(root, "peri", 0.01, seed)
         write_run(root, "pre", 0.001, seed)
         write_run(root, "peri", 0.001, seed)
-    reps = report.representatives(report.find_runs(root))
+    reps = report_figures.representatives(report.find_runs(root))
     assert {p: r.name for p, r in reps.items()} == {
         "pre": "ln_placement=pre,lr=0.001,seed=0",
         "peri": "ln_placement=peri,lr=0.001,seed=0",
     }
-    reps = report.representatives(report.find_runs(root), lr=0.01)
+    reps = report_figures.representatives(report.find_runs(root), lr=0.01)
     assert reps["pre"].state == "diverged" and reps["peri"].lr == 0.01
 
 
@@ -253,9 +253,9 @@ def test_command_line(sweep_root, tmp_path, capsys):
 
 
 def test_layer_uniformity_and_final_variance_columns(tmp_path):
-    """`layer grad-norm max/min` is the largest over the smallest per-layer gradient norm and
-    `resid var after last block` the last block's variance, both at the last logged step and
-    taken as the median over seeds."""
+    """`layer grad-norm max/min` is the largest over the smallest per-layer gradient norm,
+    `resid var after last block` the last block's variance and `last/first block` its ratio to
+    the first's, all at the last logged step and taken as the median over seeds."""
     for seed, (grads, var) in enumerate([([1.0, 4.0, 2.0], 10.0), ([0.5, 1.0, 3.0], 30.0)]):
         run = write_run(tmp_path, "peri", 0.001, seed, stability=False)
         with open(run / "metrics.jsonl", "a") as f:
@@ -268,4 +268,132 @@ def test_layer_uniformity_and_final_variance_columns(tmp_path):
     assert group["grad_spread"] == pytest.approx((4.0 + 6.0) / 2)
     assert group["final_var"] == pytest.approx((10.0 + 30.0) / 2)
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "| 5 | 20 |" in summary
+    assert "| 5 | 20 | 20 |" in summary  # and last/first block: 10 / 1, 30 / 1
+
+
+def test_stability_table_finds_the_edge_and_the_best_rate(sweep_root, tmp_path):
+    """pre diverges at lr 0.01 on 2 of 3 seeds, peri never: pre's largest stable lr is 0.001
+    and its smallest unstable one 0.01; the best lr is the lowest mean final eval loss among the
+    stable ones (synthetic losses grow with lr), at the grid's edge, with the seeds' std."""
+    out = tmp_path / "out"
+    lines = []
+    report.report(sweep_root, out, figures=False, log=lines.append)
+    rows = report.stability_table(report.find_runs(sweep_root))
+    pre, peri = rows
+    assert pre["keys"] == {"model.ln_placement": "pre"} and pre["lrs"] == [0.001, 0.01]
+    assert (pre["largest_stable"], pre["smallest_unstable"]) == (0.001, 0.01)
+    assert (peri["largest_stable"], peri["smallest_unstable"]) == (0.01, None)
+    assert (pre["unstable_runs"], pre["finished_runs"], peri["unstable_runs"]) == (2, 6, 0)
+    for row, placement in ((pre, "pre"), (peri, "peri")):
+        assert row["best_lr"] == 0.001 and row["interior"] is False
+        evals = [final_loss(placement, 0.001, s) + 0.1 for s in range(3)]
+        assert row["at_best"].mean == pytest.approx(statistics.fmean(evals))
+        assert row["at_best"].std == pytest.approx(statistics.stdev(evals))
+    std = statistics.stdev([final_loss("pre", 0.001, s) + 0.1 for s in range(3)])
+    mean = statistics.fmean([final_loss("pre", 0.001, s) + 0.1 for s in range(3)])
+    expected = (
+        f"| pre | 2: 0.001 … 0.01 | 2/6 | 0.001 | 0.01 | 0.001 | no (at the grid's edge) "
+        f"| {mean:.4f} (n=3) | {std:.4f} |"
+    )
+    assert expected in "\n".join(lines)
+    assert expected in (out / "summary.md").read_text()
+    with open(out / "stability.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["placement"] for r in table] == ["pre", "peri"]
+    assert float(table[0]["largest_stable_lr"]) == 0.001 and table[1]["smallest_unstable_lr"] == ""
+    assert float(table[1]["at_best_std"]) == pytest.approx(peri["at_best"].std)
+
+
+def test_a_run_worse_than_its_initialization_is_unstable(tmp_path):
+    """A run that never produced a NaN but whose train loss rose above 1.1 x its step-0 eval
+    loss blew up: it is counted unstable, never chosen as best, and noted with its step."""
+    root = tmp_path / "sweep"
+    for lr in (0.001, 0.003, 0.01):
+        write_run(root, "peri", lr, 0)
+    blown = root / "ln_placement=peri,lr=0.01,seed=0" / "metrics.jsonl"
+    rows = [json.loads(line) for line in blown.read_text().splitlines()]
+    start = rows[1]["eval/loss"]  # step 0 (row 0 is step 0's train row)
+    assert rows[1]["step"] == 0
+    for row in rows:
+        if row["step"] == 15 and "train/loss" in row:
+            row["train/loss"] = 1.1 * start + 0.01
+    blown.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = report.load_run(blown.parent)
+    assert report.initial_loss(run) == start and report.blew_up_at(run) == 15
+    assert report.is_stable(run) is False and run.state == "done"
+    lines = []
+    report.report(root, tmp_path / "out", figures=False, log=lines.append)
+    (row,) = report.stability_table(report.find_runs(root))
+    assert (row["largest_stable"], row["smallest_unstable"], row["best_lr"]) == (0.003, 0.01, 0.001)
+    assert (
+        f"blew up: ln_placement=peri,lr=0.01,seed=0 at step 15 (train loss above 1.1 x {start:.4f}"
+        in "\n".join(lines)
+    )
+    with open(tmp_path / "out" / "runs.csv") as f:
+        by_name = {r["run"]: r for r in csv.DictReader(f)}
+    assert by_name[run.name]["blew_up_at_step"] == "15"
+    assert by_name["ln_placement=peri,lr=0.001,seed=0"]["blew_up_at_step"] == ""
+    # Without a step-0 eval the loss at initialization is ln(vocab size).
+    run.rows = [r for r in run.rows if r["step"] > 0]
+    assert report.initial_loss(run) is None
+    run.config["model.vocab_size"] = 512
+    assert report.initial_loss(run) == pytest.approx(math.log(512))
+
+
+def test_an_interior_optimum_and_other_keys_split_the_table_and_the_panels(tmp_path, monkeypatch):
+    """Two dtypes: one stability row per placement x dtype; the loss-vs-lr figure gets one panel
+    per dtype; per-run figures compare placements within the first run's dtype only."""
+    root = tmp_path / "sweep"
+    for dtype in ("float32", "float16"):
+        for placement in ("pre", "peri"):
+            for lr in (0.001, 0.003, 0.01):
+                run = write_run(root / dtype, placement, lr, 0)
+                config = json.loads((run / "config.json").read_text())
+                config["model"]["dtype"] = dtype
+                (run / "config.json").write_text(json.dumps(config))
+                target = root / f"dtype={dtype},{run.name}"
+                run.rename(target)
+    (root / "float32").rmdir()
+    (root / "float16").rmdir()
+    # The middle lr is best for peri in float32 only.
+    path = root / "dtype=float32,ln_placement=peri,lr=0.003,seed=0" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[-1]["eval/loss"] = 1.0
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = report.find_runs(root)
+    table = report.stability_table(runs)
+    assert [tuple(r["keys"].values()) for r in table] == [
+        ("pre", "float16"),
+        ("pre", "float32"),
+        ("peri", "float16"),
+        ("peri", "float32"),
+    ]
+    assert [(r["best_lr"], r["interior"]) for r in table] == [
+        (0.001, False),
+        (0.001, False),
+        (0.001, False),
+        (0.003, True),
+    ]
+    reps = report_figures.representatives(runs)
+    assert {r.config["model.dtype"] for r in reps.values()} == {runs[0].config["model.dtype"]}
+    assert set(reps) == {"pre", "peri"}
+    saved = {}
+    real_save = report_figures._save
+
+    def save(fig, path):
+        saved[path.name] = [(ax.get_title(), len(ax.get_lines())) for ax in fig.axes]
+        real_save(fig, path)
+
+    monkeypatch.setattr(report_figures, "_save", save)
+    out = tmp_path / "out"
+    lines = []
+    report.report(root, out, log=lines.append)
+    assert (out / "loss_vs_lr.png").read_bytes().startswith(PNG_MAGIC)
+    # One panel per dtype, each with one mean line per placement (and the "unstable" row).
+    assert [t for t, _ in saved["loss_vs_lr.png"]] == ["dtype=float16", "dtype=float32"]
+    assert all(n == 3 for _, n in saved["loss_vs_lr.png"])
+    # Residual variance: every placement on one axis, first (dashed) and last step each.
+    assert len(saved["resid_var_per_layer.png"]) == 1
+    assert saved["resid_var_per_layer.png"][0][1] == 4
+    first = runs[0].config["model.dtype"]
+    assert f"per-run figures show dtype={first}: pre: " in "\n".join(lines)
