@@ -59,24 +59,49 @@ class Run:
 
 
 @dataclasses.dataclass(frozen=True)
+class Refine:
+    """More runs once the grid has finished: for each setting of the other grid keys, `grid`'s
+    runs (e.g. more seeds) at the value of `best` (e.g. optim.lr) whose finished runs have the
+    lowest mean final `metric`."""
+
+    best: str
+    grid: dict[str, list[Any]]
+    metric: str = "eval/loss"
+
+
+@dataclasses.dataclass(frozen=True)
 class Sweep:
     """A parsed sweep file plus the command line's overrides."""
 
     name: str
     base: str
     overrides: dict[str, Any]
-    grid: dict[str, list[Any]]
+    grids: tuple[dict[str, list[Any]], ...]  # one or more, all with the same keys in order
     extra: tuple[tuple[str, str], ...] = ()  # --config.section.key=value, applied to every run
+    refine: Refine | None = None
+
+    @property
+    def grid(self) -> dict[str, list[Any]]:
+        """Every value each key takes in any of the grids (the keys of every grid)."""
+        merged: dict[str, list[Any]] = {k: [] for k in self.grids[0]}
+        for grid in self.grids:
+            for key, values in grid.items():
+                merged[key] += [v for v in values if v not in merged[key]]
+        return merged
 
     def runs(self) -> list[Run]:
-        """The cartesian product of the grid, first key varying slowest."""
+        """The cartesian product of each grid, first key varying slowest, one grid after the
+        other."""
+        combos = [
+            dict(zip(g, c, strict=True)) for g in self.grids for c in itertools.product(*g.values())
+        ]
+        return [self.run(i, values) for i, values in enumerate(combos)]
+
+    def run(self, index: int, values: dict[str, Any]) -> Run:
+        """The run at these grid values: the base, the fixed overrides, then the values."""
         fixed = [(k, value_text(v)) for k, v in self.overrides.items()] + list(self.extra)
-        runs = []
-        for i, combo in enumerate(itertools.product(*self.grid.values())):
-            values = dict(zip(self.grid, combo, strict=True))
-            grid_overrides = [(k, value_text(v)) for k, v in values.items()]
-            runs.append(Run(i, run_name(values), values, tuple(fixed + grid_overrides)))
-        return runs
+        grid_overrides = [(k, value_text(v)) for k, v in values.items()]
+        return Run(index, run_name(values), values, tuple(fixed + grid_overrides))
 
 
 def value_text(value: Any) -> str:
@@ -150,51 +175,157 @@ def load_sweep(path: str, extra: Sequence[tuple[str, str]] = ()) -> Sweep:
     raw = raw.to_dict() if hasattr(raw, "to_dict") else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"get_sweep() in {path} must return a dict, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"base", "overrides", "grid", "name"})
+    unknown = sorted(set(raw) - {"base", "overrides", "grid", "name", "refine"})
     if unknown:
         raise ConfigError(
             f"sweep file {path}: unknown entries {', '.join(unknown)}: expected base, "
-            "overrides, grid, name"
+            "overrides, grid, refine, name"
         )
     base = raw.get("base")
     if not isinstance(base, str) or not base:
         raise ConfigError(f"sweep file {path}: 'base' must be a config spec like configs/tiny.py")
-    grid = _flatten(raw.get("grid") or {}, "grid")
-    if not grid:
-        raise ConfigError(f"sweep file {path}: 'grid' is empty: give at least one key and values")
-    for key, values in grid.items():
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ConfigError(f"sweep grid '{key}' must be a non-empty list, got {values!r}")
-        texts = [value_text(v) for v in values]
-        dup = sorted({t for t in texts if texts.count(t) > 1})
-        if dup:
-            raise ConfigError(f"sweep grid '{key}' repeats {', '.join(dup)}")
-        grid[key] = list(values)
+    grids = _grids(raw.get("grid"), path)
     overrides = _flatten(raw.get("overrides") or {}, "overrides")
-    values = [(k, v) for k, vs in grid.items() for v in vs] + list(overrides.items())
+    values = [(k, v) for g in grids for k, vs in g.items() for v in vs] + list(overrides.items())
     for key, value in values:
         if value is not None and not isinstance(value, (str, int, float, bool)):
             raise ConfigError(f"sweep value for '{key}' must be a plain value, got {value!r}")
-    clash = sorted(set(grid) & ({k for k, _ in extra} | set(overrides)))
+    clash = sorted(set(grids[0]) & ({k for k, _ in extra} | set(overrides)))
     if clash:
         raise ConfigError(
             f"'{clash[0]}' is swept by the grid and cannot also be fixed (in the sweep's "
             "overrides or with --config.*)"
         )
     name = raw.get("name") or file.stem
-    sweep = Sweep(str(name), base, overrides, grid, tuple(extra))
+    refine = _refine(raw.get("refine"), grids[0], path)
+    sweep = Sweep(str(name), base, overrides, grids, tuple(extra), refine)
     names = [r.name for r in sweep.runs()]
     if len(set(names)) != len(names):
-        raise ConfigError(f"sweep {name}: grid values give duplicate run names")
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"sweep {name}: the grids give run {dup} twice")
     return sweep
 
 
-def select(runs: Sequence[Run], only: Sequence[str]) -> list[Run]:
-    """Runs whose name contains one of the `only` patterns (shell wildcards allowed)."""
+def _refine(raw: Any, grid: dict[str, list[Any]], path: str) -> Refine | None:
+    """`refine`: {"best": grid key, "grid": {grid key: [values]}, "metric": "eval/loss"}."""
+    if raw is None:
+        return None
+    raw = raw.to_dict() if hasattr(raw, "to_dict") else raw
+    where = f"sweep file {path}: refine"
+    if not isinstance(raw, dict) or set(raw) - {"best", "grid", "metric"} or "best" not in raw:
+        raise ConfigError(f"{where} must be a dict with 'best', 'grid' and optionally 'metric'")
+    best, metric = raw["best"], raw.get("metric", "eval/loss")
+    if best not in grid:
+        raise ConfigError(f"{where}: best '{best}' is not a grid key ({', '.join(grid)})")
+    if not isinstance(metric, str) or not metric.startswith(("train/", "eval/")):
+        raise ConfigError(f"{where}: metric must be a train/ or eval/ metric, got {metric!r}")
+    more = _flatten(raw.get("grid") or {}, "refine grid")
+    if not more:
+        raise ConfigError(f"{where}: 'grid' is empty: give the runs to add, e.g. more seeds")
+    for key, values in more.items():
+        if key not in grid or key == best:
+            raise ConfigError(
+                f"{where}: grid key '{key}' must be one of the grid's keys other than '{best}'"
+            )
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"{where}: grid '{key}' must be a non-empty list, got {values!r}")
+        for value in values:
+            if value is not None and not isinstance(value, (str, int, float, bool)):
+                raise ConfigError(f"sweep value for '{key}' must be a plain value, got {value!r}")
+    return Refine(best, {k: list(v) for k, v in more.items()}, metric)
+
+
+def _grids(raw: Any, path: str) -> tuple[dict[str, list[Any]], ...]:
+    """`grid`: one {key: [values]} dict, or a list of them with the same keys in the same order
+    (their union: e.g. float16 over fewer learning rates than float32)."""
+    given = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    grids = []
+    for one in given:
+        grid = _flatten(one or {}, "grid")
+        if not grid:
+            raise ConfigError(
+                f"sweep file {path}: 'grid' is empty: give at least one key and values"
+            )
+        for key, values in grid.items():
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"sweep grid '{key}' must be a non-empty list, got {values!r}")
+            texts = [value_text(v) for v in values]
+            dup = sorted({t for t in texts if texts.count(t) > 1})
+            if dup:
+                raise ConfigError(f"sweep grid '{key}' repeats {', '.join(dup)}")
+            grid[key] = list(values)
+        if grids and list(grid) != list(grids[0]):
+            raise ConfigError(
+                f"sweep file {path}: every grid must list the same keys in the same order "
+                f"({', '.join(grids[0])}), one has {', '.join(grid)}"
+            )
+        grids.append(grid)
+    if not grids:
+        raise ConfigError(f"sweep file {path}: 'grid' is empty: give at least one key and values")
+    return tuple(grids)
+
+
+def refine_runs(sweep: Sweep, root: Path) -> tuple[list[Run] | None, list[str]]:
+    """The refine stage's runs, or None while some grid run has not finished (done/diverged),
+    with one note per setting: which value was best and why.
+
+    Settings are the grid's values of every key except `best` and the refine grid's keys, in
+    grid order. Each value of `best` scores the mean final metric of its stable runs (finished
+    without diverging or blowing up, as `perijax report` judges them: report.is_stable); the
+    lowest wins (the first listed on a tie); a setting where no run was stable gets no runs.
+    Runs the grid already has are not repeated.
+    """
+    refine = sweep.refine
+    grid_runs = sweep.runs()
+    if refine is None:
+        return [], []
+    if any(run_state(root / r.name) not in FINISHED for r in grid_runs):
+        return None, []
+    fixed = [k for k in sweep.grids[0] if k != refine.best and k not in refine.grid]
+    settings: dict[tuple, dict[Any, list[float]]] = {}
+    for run in grid_runs:
+        scores = settings.setdefault(tuple(value_text(run.values[k]) for k in fixed), {})
+        values = scores.setdefault(run.values[refine.best], [])
+        result = report_lib.load_run(root / run.name)
+        if report_lib.is_stable(result):
+            value = result.final(refine.metric)
+            if value is not None and math.isfinite(value):
+                values.append(value)
+    names = {r.name for r in grid_runs}
+    runs, notes = [], []
+    for setting, scores in settings.items():
+        label = ",".join(f"{k.rpartition('.')[2]}={v}" for k, v in zip(fixed, setting, strict=True))
+        means = {v: sum(xs) / len(xs) for v, xs in scores.items() if xs}
+        if not means:
+            notes.append(f"{label or 'all runs'}: no run was stable, nothing to refine")
+            continue
+        best = min(means, key=means.get)
+        notes.append(
+            f"{label or 'all runs'}: best {refine.best}={value_text(best)} "
+            f"({refine.metric} {means[best]:.4f})"
+        )
+        template = next(
+            r.values
+            for r in grid_runs
+            if r.values[refine.best] == best
+            and tuple(value_text(r.values[k]) for k in fixed) == setting
+        )
+        for combo in itertools.product(*refine.grid.values()):
+            values = {**template, **dict(zip(refine.grid, combo, strict=True))}
+            run = sweep.run(len(grid_runs) + len(runs), values)
+            if run.name not in names:
+                names.add(run.name)
+                runs.append(run)
+    return runs, notes
+
+
+def select(runs: Sequence[Run], only: Sequence[str], allow_none: bool = False) -> list[Run]:
+    """Runs whose name contains one of the `only` patterns (shell wildcards allowed); none is
+    an error unless `allow_none` (the patterns may name refine runs, decided later)."""
     if not only:
         return list(runs)
     chosen = [r for r in runs if any(fnmatch.fnmatchcase(r.name, f"*{p}*") for p in only)]
-    if not chosen:
+    if not chosen and not allow_none and runs:
         raise ConfigError(
             f"--only {' '.join(only)} matches no run; runs are named like {runs[0].name}"
         )
@@ -279,15 +410,19 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def sweep_record(sweep: Sweep, runs: Sequence[Run]) -> dict[str, Any]:
-    """The content of ROOT/sweep.json: what was asked for, and the expanded grid."""
-    return {
+    """The content of ROOT/sweep.json: what was asked for, and the expanded grid (with the
+    refine stage's runs once they are known)."""
+    record = {
         "name": sweep.name,
         "base": sweep.base,
         "overrides": sweep.overrides,
         "command_line_overrides": dict(sweep.extra),
-        "grid": sweep.grid,
+        "grid": sweep.grids[0] if len(sweep.grids) == 1 else list(sweep.grids),
         "runs": [{"index": r.index, "name": r.name, "values": r.values} for r in runs],
     }
+    if sweep.refine is not None:
+        record["refine"] = dataclasses.asdict(sweep.refine)
+    return record
 
 
 # --------------------------------------------------------------------------- the outcome
@@ -391,14 +526,17 @@ def emit(args: argparse.Namespace, lines: list[str]) -> list[str]:
     )
 
 
-def _load_all_data(configs: dict[str, Any], log: Callable[[str], None]) -> dict[tuple, Any]:
-    """Loads each distinct data setting once (checked before any run; shared by the runs)."""
+def _load_all_data(
+    configs: dict[str, Any], log: Callable[[str], None], have: dict[tuple, Any] | None = None
+) -> dict[tuple, Any]:
+    """Loads each distinct data setting once (checked before any run; shared by the runs), but
+    none that `have` holds already."""
     from perijax import train as train_lib
 
     data = {}
     for cfg in configs.values():
         key = _data_key(cfg)
-        if key not in data:
+        if key not in data and key not in (have or {}):
             data[key] = train_lib.load_data(cfg, log)
     return data
 
@@ -447,34 +585,91 @@ def run_sweep(
     out: Callable[[str], None] = print,
     verbose: bool = False,
 ) -> int:
-    """Runs the selected runs one after another in this process; returns the exit status
-    (0: every run done or diverged; 1: some failed; 0 after a signal, like `perijax train`:
-    the interrupted run saved a checkpoint and the same command resumes it).
+    """Runs the selected runs one after another in this process, then the refine stage's runs
+    once the grid has finished; returns the exit status (0: every run done or diverged; 1: some
+    failed; 0 after a signal, like `perijax train`: the interrupted run saved a checkpoint and
+    the same command resumes it).
 
     Raises ConfigError, before anything is written, for a bad grid value, a mesh that does not
     fit this machine, unusable data or a run folder holding a different experiment.
     """
-    from perijax import train as train_lib
-    from perijax.metrics import format_duration
-
     root = Path(root)
-    runs = select(sweep.runs(), only)
-    configs = build_configs(sweep, runs)
-    _check_devices(configs)
+    runs = select(sweep.runs(), only, allow_none=sweep.refine is not None)
+    configs = _prepare(sweep, root, runs)
     data = _load_all_data(configs, log=lambda s: out(f"data: {s}"))
-    check_existing(root, runs, configs)
-
     try:
         root.mkdir(parents=True, exist_ok=True)
         _write_json(root / SWEEP_FILE, sweep_record(sweep, sweep.runs()))
     except OSError as e:
         raise ConfigError(f"cannot write to sweep root {root}: {e.strerror}") from e
+    failed = _run_each(sweep, root, runs, configs, data, out=out, verbose=verbose)
+    if isinstance(failed, _Stopped):
+        return failed.code
+    if sweep.refine is not None:
+        more, notes = refine_runs(sweep, root)
+        if more is None:
+            out("refine: waits until every grid run has finished; rerun the same command then")
+            more = []
+        for note in notes:
+            out(f"refine: {note}")
+        if notes:
+            _write_json(root / SWEEP_FILE, sweep_record(sweep, sweep.runs() + more))
+        more = select(more, only, allow_none=True)
+        configs = _prepare(sweep, root, more)
+        data.update(_load_all_data(configs, log=lambda s: out(f"data: {s}"), have=data))
+        failed_more = _run_each(sweep, root, more, configs, data, out=out, verbose=verbose)
+        if isinstance(failed_more, _Stopped):
+            return failed_more.code
+        failed += failed_more
+        runs = runs + more
+    final = {s: 0 for s in ("done", "diverged", "failed")}
+    for run in runs:
+        state = run_state(root / run.name)
+        final[state] = final.get(state, 0) + 1
+    out(
+        f"sweep {sweep.name}: {final['done']} done, {final['diverged']} diverged, "
+        f"{final['failed']} failed; perijax report {shlex.quote(str(root))}"
+    )
+    return 1 if failed else 0
 
+
+@dataclasses.dataclass(frozen=True)
+class _Stopped:
+    """The sweep stopped early (a signal, Ctrl-C) with this exit status."""
+
+    code: int
+
+
+def _prepare(sweep: Sweep, root: Path, runs: Sequence[Run]) -> dict[str, Any]:
+    """Every run's config, checked against this machine and any earlier run folder."""
+    configs = build_configs(sweep, runs)
+    _check_devices(configs)
+    check_existing(root, runs, configs)
+    return configs
+
+
+def _run_each(
+    sweep: Sweep,
+    root: Path,
+    runs: Sequence[Run],
+    configs: dict[str, Any],
+    data: dict[tuple, Any],
+    *,
+    out: Callable[[str], None],
+    verbose: bool,
+) -> int | _Stopped:
+    """Runs the unfinished `runs` in order; returns how many failed, or _Stopped."""
+    from perijax import train as train_lib
+    from perijax.metrics import format_duration
+
+    if not runs:
+        return 0
     states = {r.name: run_state(root / r.name) for r in runs}
     todo = [r for r in runs if states[r.name] not in FINISHED]
     counts = {s: sum(v == s for v in states.values()) for s in ("done", "diverged")}
+    stage = "refine" if runs[0].index >= len(sweep.runs()) else sweep.name
     out(
-        f"sweep {sweep.name}: {len(runs)} runs in {root} ({counts['done']} done, "
+        f"sweep {stage}: {len(runs)} runs in {root} ({counts['done']} done, "
         f"{counts['diverged']} diverged, {len(todo)} to run)"
     )
     durations: list[float] = []
@@ -510,12 +705,12 @@ def run_sweep(
                 )
                 if result["preempted"]:
                     out(f"{tag}  stopped by a signal at a saved checkpoint: rerun to resume")
-                    return 0
+                    return _Stopped(0)
             except train_lib.TrainingDiverged as e:
                 diverged_error = str(e)
             except KeyboardInterrupt:
                 out(f"{tag}  interrupted: rerun the same command to resume")
-                return 130
+                return _Stopped(130)
             except Exception as e:  # one bad run must not stop the sweep: record it, go on
                 error = _one_line(e)
                 log(f"error: {error}")
@@ -530,15 +725,7 @@ def run_sweep(
         eta = sum(durations) / len(durations) * left
         out(f"{tag}  {_end_line(status)}  {format_duration(seconds)}  eta {format_duration(eta)}")
         _release_compiled()
-    final = {s: 0 for s in ("done", "diverged", "failed")}
-    for run in runs:
-        state = run_state(root / run.name)
-        final[state] = final.get(state, 0) + 1
-    out(
-        f"sweep {sweep.name}: {final['done']} done, {final['diverged']} diverged, "
-        f"{final['failed']} failed; perijax report {shlex.quote(str(root))}"
-    )
-    return 1 if failed else 0
+    return failed
 
 
 def _release_compiled() -> None:
@@ -617,8 +804,17 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
         root = Path(args.root or os.path.join("runs", sweep.name))
         if root.exists() and not root.is_dir():
             raise ConfigError(f"--root {root} exists and is not a directory")
-        runs = select(sweep.runs(), args.only)
+        runs = select(sweep.runs(), args.only, allow_none=sweep.refine is not None)
         if args.emit or args.dry_run:
+            if sweep.refine is not None:
+                more, _ = refine_runs(sweep, root)
+                if more is None:
+                    print(
+                        "perijax: note: the refine stage's runs are chosen once every grid run "
+                        "has finished: list them again then",
+                        file=sys.stderr,
+                    )
+                runs += select(more or [], args.only, allow_none=True)
             configs = build_configs(sweep, runs)  # the emitted commands must be valid
             check_existing(root, runs, configs)
     except ConfigError as e:

@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import signal
 from pathlib import Path
@@ -80,7 +81,7 @@ def test_every_shipped_sweep_builds_valid_configs(name):
     s = sweep.load_sweep(str(ROOT / "configs" / "sweeps" / name))
     runs = s.runs()
     configs = sweep.build_configs(s, runs)
-    assert len(configs) == len(runs) == math.prod(len(v) for v in s.grid.values())
+    assert len(configs) == len(runs) == sum(math.prod(map(len, g.values())) for g in s.grids)
     placements = {c.model.ln_placement for c in configs.values()}
     assert placements <= {"pre", "post", "peri", "output"} and len(placements) >= 2
 
@@ -433,3 +434,152 @@ def test_emit_slurm_and_tpu_wrap_one_train_command_per_run(tmp_path, capsys):
     assert cli.main([*base, "--emit", "tpu", "--tpu", "t1", "--accelerator-type", "v5p-8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["perijax: error: TPU runs need a zone and a project"]
+
+
+# ------------------------------------------------------------------ grid unions, refine stage
+def _sweep_file(path: Path, body: str) -> str:
+    path.write_text(f"def get_sweep():\n    return {body}\n")
+    return str(path)
+
+
+def test_a_list_of_grids_is_their_union_in_order(tmp_path):
+    file = _sweep_file(
+        tmp_path / "union.py",
+        "{'base': 'configs/tiny.py', 'grid': ["
+        "{'model.dtype': ['float32'], 'optim.lr': [0.1, 0.2]},"
+        "{'model.dtype': ['float16'], 'optim.lr': [0.2]}]}",
+    )
+    s = sweep.load_sweep(file)
+    assert [(r.index, r.name) for r in s.runs()] == [
+        (0, "dtype=float32,lr=0.1"),
+        (1, "dtype=float32,lr=0.2"),
+        (2, "dtype=float16,lr=0.2"),
+    ]
+    assert s.grid == {"model.dtype": ["float32", "float16"], "optim.lr": [0.1, 0.2]}
+    configs = sweep.build_configs(s, s.runs())
+    assert configs["dtype=float16,lr=0.2"].model.dtype == "float16"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            "[{'optim.lr': [0.1]}, {'train.seed': [0]}]",
+            "every grid must list the same keys in the same order (optim.lr), one has train.seed",
+        ),
+        ("[{'optim.lr': [0.1]}, {'optim.lr': [0.1]}]", "the grids give run lr=0.1 twice"),
+        ("[]", "'grid' is empty"),
+    ],
+)
+def test_bad_grid_lists_are_one_line_errors(tmp_path, body, message):
+    file = _sweep_file(tmp_path / "bad.py", f"{{'base': 'configs/tiny.py', 'grid': {body}}}")
+    with pytest.raises(sweep.ConfigError, match=re.escape(message)):
+        sweep.load_sweep(file)
+
+
+@pytest.mark.parametrize(
+    "refine, message",
+    [
+        ("{'best': 'optim.beta1', 'grid': {'train.seed': [1]}}", "best 'optim.beta1' is not"),
+        ("{'best': 'optim.lr', 'grid': {'optim.lr': [1]}}", "other than 'optim.lr'"),
+        ("{'best': 'optim.lr', 'grid': {}}", "'grid' is empty"),
+        ("{'best': 'optim.lr', 'grid': {'train.seed': [1]}, 'metric': 'x'}", "train/ or eval/"),
+        ("{'grid': {'train.seed': [1]}}", "must be a dict with 'best', 'grid'"),
+    ],
+)
+def test_bad_refine_is_a_one_line_error(tmp_path, refine, message):
+    file = _sweep_file(
+        tmp_path / "bad.py",
+        "{'base': 'configs/tiny.py', 'grid': {'optim.lr': [0.1], 'train.seed': [0]}, "
+        f"'refine': {refine}}}",
+    )
+    with pytest.raises(sweep.ConfigError, match=re.escape(message)):
+        sweep.load_sweep(file)
+
+
+def _finish(run_dir: Path, state: str, eval_loss: float) -> None:
+    """A finished run's files; "blew up": done, but its train loss rose above 1.1 x the loss at
+    initialization on the way."""
+    run_dir.mkdir(parents=True)
+    blew_up = state == "blew up"
+    (run_dir / "status.json").write_text(json.dumps({"state": "done" if blew_up else state}))
+    loss = "nan" if state == "diverged" else eval_loss
+    rows = [{"step": 0, "eval/loss": 6.0}, {"step": 3, "train/loss": 7.0 if blew_up else 5.0}]
+    rows.append({"step": 6, "eval/loss": loss})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_refine_adds_runs_at_each_settings_best_value(tmp_path):
+    file = _sweep_file(
+        tmp_path / "refine.py",
+        "{'base': 'configs/tiny.py', 'grid': {'model.ln_placement': ['pre', 'peri', 'post'], "
+        "'optim.lr': [0.001, 0.01, 0.1], 'train.seed': [0]}, "
+        "'refine': {'best': 'optim.lr', 'grid': {'train.seed': [0, 1, 2]}}}",
+    )
+    s = sweep.load_sweep(file)
+    root = tmp_path / "root"
+    losses = {  # placement -> lr -> (state, eval loss)
+        # pre at 0.1 has the lowest loss but blew up on the way: unstable, never the best.
+        "pre": {0.001: ("done", 5.0), 0.01: ("done", 4.0), 0.1: ("blew up", 3.5)},
+        "peri": {0.001: ("done", 4.2), 0.01: ("diverged", 0.0), 0.1: ("done", 4.3)},
+        "post": {0.001: ("diverged", 0), 0.01: ("diverged", 0), 0.1: ("diverged", 0)},
+    }
+    grid = s.runs()
+    for run in grid[:-1]:
+        state, loss = losses[run.values["model.ln_placement"]][run.values["optim.lr"]]
+        _finish(root / run.name, state, loss)
+    assert sweep.refine_runs(s, root) == (None, [])  # one grid run has not finished
+    _finish(root / grid[-1].name, "diverged", 0)
+    runs, notes = sweep.refine_runs(s, root)
+    # Seed 0 at the best rate is a grid run already: only seeds 1 and 2 are added.
+    assert [(r.index, r.name) for r in runs] == [
+        (9, "ln_placement=pre,lr=0.01,seed=1"),
+        (10, "ln_placement=pre,lr=0.01,seed=2"),
+        (11, "ln_placement=peri,lr=0.001,seed=1"),
+        (12, "ln_placement=peri,lr=0.001,seed=2"),
+    ]
+    assert notes == [
+        "ln_placement=pre: best optim.lr=0.01 (eval/loss 4.0000)",
+        "ln_placement=peri: best optim.lr=0.001 (eval/loss 4.2000)",
+        "ln_placement=post: no run was stable, nothing to refine",
+    ]
+    assert dict(runs[0].overrides)["optim.lr"] == "0.01"
+    assert dict(runs[0].overrides)["train.seed"] == "1"
+
+
+def test_sweep_runs_the_refine_stage_after_the_grid(tmp_path, capsys):
+    """A real tiny sweep: two learning rates, then one more seed at the better one; the rerun
+    trains nothing and lists the refine run as done."""
+    file = write_sweep(tmp_path / "r.py", {"optim.lr": [1e-3, 3e-2], "train.seed": [0]})
+    text = Path(file).read_text().rstrip()
+    Path(file).write_text(
+        text[:-1] + ", 'refine': {'best': 'optim.lr', 'grid': {'train.seed': [1]}}}\n"
+    )
+    root = tmp_path / "root"
+    code, out, _ = sweep_cli("--sweep", file, "--root", str(root), capsys=capsys)
+    assert code == 0, out
+    grid = {
+        lr: json.loads((root / f"lr={lr},seed=0" / "status.json").read_text())
+        for lr in ("0.001", "0.03")
+    }
+    best = min(grid, key=lambda lr: grid[lr]["final"]["eval/loss"])
+    assert f"refine: all runs: best optim.lr={best} (eval/loss" in out
+    added = root / f"lr={best},seed=1"
+    assert json.loads((added / "status.json").read_text())["state"] == "done"
+    assert json.loads((added / "config.json").read_text())["train"]["seed"] == 1
+    record = json.loads((root / "sweep.json").read_text())
+    assert record["runs"][-1] == {
+        "index": 2,
+        "name": added.name,
+        "values": {"optim.lr": float(best), "train.seed": 1},
+    }
+    assert record["refine"]["best"] == "optim.lr"
+    code, out, _ = sweep_cli("--sweep", file, "--root", str(root), "--dry-run", capsys=capsys)
+    assert code == 0 and out.split() == [
+        "done",
+        str(root / "lr=0.001,seed=0"),
+        "done",
+        str(root / "lr=0.03,seed=0"),
+        "done",
+        str(added),
+    ]
