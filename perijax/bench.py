@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from perijax import __version__
+from perijax import config as config_lib
+from perijax.commandline import fail, split_overrides
 from perijax.config import Config, ConfigError, to_dict
 from perijax.plan import ACCELERATORS, GIB
 
@@ -673,32 +675,30 @@ def _command(args: argparse.Namespace, placements: Sequence[str], overrides) -> 
 
 
 def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> int:
-    from perijax.cli import _build_config, _fail
-
     overrides = list(overrides)
     for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
         if value < low:
-            return _fail(f"{flag} must be >= {low}, got {value}")
+            return fail(f"{flag} must be >= {low}, got {value}")
     if args.repeats < 1:
-        return _fail(f"--repeats must be >= 1, got {args.repeats}")
+        return fail(f"--repeats must be >= 1, got {args.repeats}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
-        return _fail(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+        return fail(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     if args.no_peak and args.peak_tflops is not None:
-        return _fail("--no-peak and --peak-tflops exclude each other")
+        return fail("--no-peak and --peak-tflops exclude each other")
     try:
         sizes = [int(s) for s in args.peak_sizes.split(",")]
         if not sizes or min(sizes) < 1:
             raise ValueError
     except ValueError:
-        return _fail(f"--peak-sizes {args.peak_sizes!r}: expected positive integers, e.g. 2048")
+        return fail(f"--peak-sizes {args.peak_sizes!r}: expected positive integers, e.g. 2048")
     if args.json_path and not Path(args.json_path).absolute().parent.is_dir():
-        return _fail(f"--json {args.json_path}: the folder does not exist")
+        return fail(f"--json {args.json_path}: the folder does not exist")
     log = lambda s: print(f"bench: {s}", file=sys.stderr, flush=True)  # noqa: E731
     try:
-        cfg = _build_config(args.config, overrides)
+        cfg = config_lib.load(args.config, overrides)
         placements = parse_placements(args.placements, cfg.model.ln_placement)
     except ConfigError as e:
-        return _fail(str(e))
+        return fail(str(e))
     command = _command(args, placements, overrides)
 
     def write(report: dict[str, Any]) -> None:  # rewritten as results come in
@@ -720,7 +720,7 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
             on_update=write if args.json_path else None,
         )
     except ConfigError as e:
-        return _fail(str(e))
+        return fail(str(e))
     print(format_report(report), flush=True)
     if args.json_path:
         write(report)
@@ -731,12 +731,10 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m perijax.bench ...`: the same as `perijax bench ...`."""
-    from perijax.cli import _fail, _split_overrides
-
     try:
-        rest, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
+        rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     except ValueError as e:
-        return _fail(str(e))
+        return fail(str(e))
     parser = argparse.ArgumentParser(prog="perijax")
     add_parser(parser.add_subparsers(dest="command"))
     return run(parser.parse_args(["bench", *rest]), overrides)

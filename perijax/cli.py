@@ -19,92 +19,12 @@ computed or written.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
-from pathlib import Path
 
 from perijax import __version__
+from perijax.commandline import DEFAULT_CONFIG, add_train_parser, fail, run_train, split_overrides
 
-DEFAULT_CONFIG = "configs/tiny.py"
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"perijax: error: {message}", file=sys.stderr)
-    return code
-
-
-def _split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments
-    (everything after a bare `--` is left alone, for launch-local)."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            rest.extend(argv[i:])
-            break
-        if arg.startswith("--config."):
-            key, sep, value = arg[len("--config.") :].partition("=")
-            if not sep:
-                if i + 1 >= len(argv):
-                    raise ValueError(f"--config.{key} needs a value: --config.{key}=VALUE")
-                value, i = argv[i + 1], i + 1
-            overrides.append((key, value))
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
-
-
-def _build_config(spec: str, overrides: list[tuple[str, str]]):
-    from perijax import config as config_lib
-
-    cd = config_lib.load_config_file(spec)
-    for key, value in overrides:
-        config_lib.apply_override(cd, key, value)
-    return config_lib.resolve(cd)
-
-
-def _default_workdir(spec: str) -> str:
-    name = Path(spec.partition(":")[0]).stem
-    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    from perijax import storage
-    from perijax.config import ConfigError
-
-    if args.restore:
-        overrides = [*overrides, ("checkpoint.restore", args.restore)]
-    try:
-        cfg = _build_config(args.config, overrides)
-        workdir = args.workdir or _default_workdir(args.config)
-        if storage.as_path(workdir).exists() and not storage.as_path(workdir).is_dir():
-            raise ConfigError(f"--workdir {workdir} exists and is not a directory")
-        from perijax import distributed
-
-        distributed.initialize(cfg.distributed)  # before anything starts a JAX backend
-        from perijax import train as train_lib
-
-        data = train_lib.load_data(cfg)
-    except ConfigError as e:
-        return _fail(str(e))
-    import jax
-
-    if jax.process_index() == 0:
-        print(f"workdir: {workdir}", flush=True)
-    from perijax.checkpoint import CheckpointError
-
-    try:
-        train_lib.train(cfg, workdir, data=data, log=lambda s: print(s, flush=True))
-    except (ConfigError, CheckpointError) as e:
-        return _fail(str(e))
-    except train_lib.TrainingDiverged as e:
-        return _fail(f"training diverged: {e}", code=3)
-    except KeyboardInterrupt:
-        return _fail("interrupted", code=130)
-    return 0
+__all__ = ["DEFAULT_CONFIG", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,29 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"perijax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train = sub.add_parser(
-        "train",
-        help="train a model",
-        description="Train a model. Any config key can be overridden with "
-        "--config.SECTION.KEY=VALUE (e.g. --config.model.ln_placement=peri).",
-    )
-    train.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        metavar="FILE[:ARG]",
-        help=f"config file and optional argument (default: {DEFAULT_CONFIG})",
-    )
-    train.add_argument(
-        "--workdir",
-        help="output directory (default: runs/<config>-<time>); a workdir with checkpoints "
-        "resumes from its latest one",
-    )
-    train.add_argument(
-        "--restore",
-        metavar="PATH",
-        help="start from this checkpoint (a checkpoints/<step> folder, or a workdir for its "
-        "latest), even if the workdir has its own; same as --config.checkpoint.restore",
-    )
+    add_train_parser(sub)
     plan.add_parser(sub)
     bench.add_parser(sub)
     launch.add_parser(sub)
@@ -166,23 +64,23 @@ def main(argv: list[str] | None = None) -> int:
 
             install_signal_thread()  # before JAX starts any thread (perijax/signals.py)
     try:
-        rest, overrides = _split_overrides(argv)
+        rest, overrides = split_overrides(argv)
     except ValueError as e:
-        return _fail(str(e))
+        return fail(str(e))
     parser = build_parser()
     args = parser.parse_args(rest or ["train"])
     if args.command is None:
         parser.print_help()
         return 2
     if overrides and args.command == "launch-local":
-        return _fail("put --config.* overrides after `--`, on the launched command")
+        return fail("put --config.* overrides after `--`, on the launched command")
     if overrides and args.command in ("eval", "generate", "export"):
         key = overrides[0][0]
-        return _fail(f"perijax {args.command} takes no --config.{key}: it uses the checkpoint's")
+        return fail(f"perijax {args.command} takes no --config.{key}: it uses the checkpoint's")
     if hasattr(args, "launcher"):  # launch-slurm, launch-tpu (perijax/launchers)
         return args.launcher(args, overrides)
     if args.command == "train":
-        return cmd_train(args, overrides)
+        return run_train(args, overrides)
     if args.command == "sweep":
         from perijax import sweep
 
@@ -223,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         from perijax.data import prepare
 
         return prepare.run_prepare(args)
-    return _fail(f"unknown command {args.command!r}")
+    return fail(f"unknown command {args.command!r}")
 
 
 if __name__ == "__main__":

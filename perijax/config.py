@@ -14,6 +14,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +376,16 @@ def apply_override(cd: ml_collections.ConfigDict, dotted: str, text: str) -> Non
 
 
 # ---------------------------------------------------------------------------------- resolve
+def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> "Config":
+    """The config a `perijax train --config SPEC --config.KEY=VALUE ...` run gets: the config
+    file (`FILE[:ARG]`, a saved config.json too), then each (dotted key, text) override in
+    order, resolved and validated. Raises ConfigError with a one-line message."""
+    cd = load_config_file(spec)
+    for key, value in overrides:
+        apply_override(cd, key, value)
+    return resolve(cd)
+
+
 def resolve(cd: ml_collections.ConfigDict | dict) -> Config:
     """ConfigDict -> frozen Config; rejects unknown keys, wrong types and invalid values."""
     raw = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from perijax import storage
+from perijax.commandline import fail
 from perijax.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -392,11 +393,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"perijax: error: {message}", file=sys.stderr)
-    return code
-
-
 def _check_args(args: argparse.Namespace) -> None:
     if not storage.as_path(args.checkpoint).exists():
         raise ConfigError(f"checkpoint {args.checkpoint}: no such file or directory")
@@ -468,11 +464,11 @@ def run(args: argparse.Namespace) -> int:
                 log=lambda s: print(s, file=sys.stderr, flush=True),
             )
     except (ConfigError, CheckpointError, ValueError) as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return _fail("out of device memory: lower --batch-size (or --seq-len)", code=1)
+        return fail("out of device memory: lower --batch-size (or --seq-len)", code=1)
     if jax.process_index() != 0:
         return 0
     if args.tasks:

@@ -210,13 +210,10 @@ def _read_prompts(args) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from perijax.commandline import fail
     from perijax.config import ConfigError
     from perijax.data.tokenizer import load_tokenizer
     from perijax.inference import load_model, run_tokenizer
-
-    def fail(message: str) -> int:
-        print(f"perijax: error: {message}", file=sys.stderr)
-        return 2
 
     if args.max_new_tokens < 1:
         return fail(f"--max-new-tokens {args.max_new_tokens} must be >= 1")

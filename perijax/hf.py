@@ -35,13 +35,13 @@ import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from perijax.commandline import fail
 from perijax.config import Config, ConfigError, ModelConfig
 from perijax.packages import require
 
@@ -1038,18 +1038,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
 
-def _fail(message: str) -> int:
-    print(f"perijax: error: {message}", file=sys.stderr)
-    return 2
-
-
 def run_export(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> int:
     """`perijax export`: bad input is one line on stderr and exit status 2."""
     from perijax.checkpoint import CheckpointError
     from perijax.inference import load_model, read_config, run_tokenizer
 
     if overrides:
-        return _fail("export takes no --config.* overrides (the checkpoint carries its config)")
+        return fail("export takes no --config.* overrides (the checkpoint carries its config)")
     try:
         _safetensors_numpy()  # before the checkpoint is read
         _check_out(Path(args.out), args.force)
@@ -1072,7 +1067,7 @@ def run_export(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = 
             log=lambda s: print(s, flush=True),
         )
     except (ConfigError, CheckpointError, OSError) as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(f"exported {loaded.path} (step {loaded.step}) as {t.architecture} to {args.out}")
     return 0
 
@@ -1091,7 +1086,7 @@ def run_import(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = 
             log=lambda s: print(s, flush=True),
         )
     except (ConfigError, CheckpointError, OSError) as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     workdir = path.parent.parent
     print(f"continue training: perijax train --config {workdir}/config.json --restore {path}")
     return 0

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import threading
 
+from perijax.commandline import fail
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -53,11 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        print("perijax: error: launch-local needs a command after --", file=sys.stderr)
-        return 2
+        return fail("launch-local needs a command after --")
     if args.num_processes < 1 or args.devices_per_process < 1:
-        print("perijax: error: -n and --devices-per-process must be >= 1", file=sys.stderr)
-        return 2
+        return fail("-n and --devices-per-process must be >= 1")
     if command[0] in ("python", "python3"):
         argv = [sys.executable, *command[1:]]
     else:

@@ -199,23 +199,24 @@ def _attention_line(a: dict) -> str:
 def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     import jax
 
-    from perijax.cli import _build_config, _fail
+    from perijax import config as config_lib
+    from perijax.commandline import fail
     from perijax.config import ConfigError
 
     if args.devices < 1:
-        return _fail("--devices must be >= 1")
+        return fail("--devices must be >= 1")
     # Simulate the target's chips as CPU devices; must happen before the backend starts.
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.devices)
     try:
-        cfg = _build_config(args.config, overrides)
+        cfg = config_lib.load(args.config, overrides)
         print(
             f"planning {args.config} on {args.devices} simulated {args.accelerator} chips...",
             flush=True,
         )
         report = plan(cfg, args.accelerator)
     except ConfigError as e:
-        return _fail(str(e))
+        return fail(str(e))
     print(format_report(report))
     if args.json_path:
         with open(args.json_path, "w") as f:

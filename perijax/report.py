@@ -19,11 +19,11 @@ import json
 import math
 import re
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from perijax.commandline import fail
 from perijax.config import TRACKING_KEYS, flat_dict
 
 PLACEMENTS = ("pre", "post", "peri", "output")
@@ -728,16 +728,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     """Entry point of `perijax report`: bad input is one line on stderr and exit status 2."""
     if overrides:
-        return _fail("report takes no --config.* overrides")
+        return fail("report takes no --config.* overrides")
     if not Path(args.directory).is_dir():
-        return _fail(f"{args.directory} is not a directory")
+        return fail(f"{args.directory} is not a directory")
     try:
         report(args.directory, args.out, lr=args.lr, figures=not args.no_figures)
     except (ValueError, OSError) as e:
-        return _fail(str(e))
+        return fail(str(e))
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"perijax: error: {message}", file=sys.stderr)
-    return 2

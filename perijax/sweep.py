@@ -33,7 +33,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from perijax import config as config_lib
 from perijax import report as report_lib
+from perijax.commandline import fail
 from perijax.config import TRACKING_KEYS, ConfigError
 from perijax.launchers.common import LaunchError
 
@@ -335,12 +337,11 @@ def select(runs: Sequence[Run], only: Sequence[str], allow_none: bool = False) -
 def build_configs(sweep: Sweep, runs: Sequence[Run]) -> dict[str, Any]:
     """Every run's resolved `Config`, so a bad grid value stops the sweep before any run starts.
     The config file is loaded once per run (config files may return shared mutable state)."""
-    from perijax import cli
 
     configs = {}
     for run in runs:
         try:
-            configs[run.name] = cli._build_config(sweep.base, list(run.overrides))
+            configs[run.name] = config_lib.load(sweep.base, list(run.overrides))
         except ConfigError as e:
             raise ConfigError(f"run {run.name}: {e}") from e
     return configs
@@ -794,10 +795,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     """Entry point of `perijax sweep`: bad input is one line on stderr and exit status 2."""
-
-    def fail(message: str, code: int = 2) -> int:
-        print(f"perijax: error: {message}", file=sys.stderr)
-        return code
 
     try:
         sweep = load_sweep(args.sweep, overrides)

@@ -11,7 +11,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from perijax import cli
+from perijax import config as config_lib
 from perijax import train as train_lib
 
 
@@ -21,7 +21,7 @@ def step_times(config: str, every: int, steps: int, workdir: Path) -> list[float
         ("train.eval_every_steps", "0"), ("train.eval_batches", "1"),
         ("checkpoint.every_steps", str(every)), ("checkpoint.keep", "2"),
     ]  # fmt: skip
-    cfg = cli._build_config(config, overrides)
+    cfg = config_lib.load(config, overrides)
     train_lib.train(cfg, workdir, log=lambda s: None)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
     # Step 1 includes compilation and has no timing; the last step pays the final save.

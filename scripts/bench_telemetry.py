@@ -11,7 +11,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from perijax import cli
+from perijax import config as config_lib
 from perijax import train as train_lib
 
 
@@ -21,7 +21,7 @@ def mean_step_time(config: str, enabled: bool, log_every: int, steps: int, workd
         ("train.eval_every_steps", "0"), ("train.eval_batches", "1"),
         ("checkpoint.every_steps", "0"), ("telemetry.enabled", str(enabled).lower()),
     ]  # fmt: skip
-    train_lib.train(cli._build_config(config, overrides), workdir, log=lambda s: None)
+    train_lib.train(config_lib.load(config, overrides), workdir, log=lambda s: None)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
     # Each logged window averages its steps. The first window pays the log-step variant's
     # compilation (telemetry on) and the last one the final checkpoint: both are left out.

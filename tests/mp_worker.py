@@ -27,9 +27,10 @@ def main() -> None:
     signals.install_signal_thread()
     import numpy as np
 
-    from perijax import cli, distributed
+    from perijax import config as config_lib
+    from perijax import distributed
 
-    cfg = cli._build_config("configs/tiny.py", list(overrides.items()))
+    cfg = config_lib.load("configs/tiny.py", list(overrides.items()))
     distributed.initialize(cfg.distributed)
     import jax
     from jax.experimental import multihost_utils

@@ -14,6 +14,7 @@ import pytest
 
 from perijax import checkpoint as checkpoint_lib
 from perijax import cli
+from perijax import config as config_lib
 from perijax import train as train_lib
 from perijax.config import ConfigError
 from perijax.metrics import global_norm
@@ -35,7 +36,7 @@ SHORT_TINY = {
 
 
 def tiny(overrides: dict[str, str]):
-    return cli._build_config(str(ROOT / "configs" / "tiny.py"), list(overrides.items()))
+    return config_lib.load(str(ROOT / "configs" / "tiny.py"), list(overrides.items()))
 
 
 def config(**overrides):

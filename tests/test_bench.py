@@ -15,6 +15,7 @@ import pytest
 from jax import monitoring
 
 from perijax import bench, cli, config, flops
+from perijax import config as config_lib
 from perijax import train as train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def test_bench_report_is_consistent(tmp_path, capsys):
 
     # CPU peak: measured in this run on the square and on every weight-matmul shape of the
     # model (128 tokens per microbatch), each in every precision; the best median wins.
-    cfg = cli._build_config(CONFIG, list(TINY.items()))
+    cfg = config_lib.load(CONFIG, list(TINY.items()))
     peak = r["peak"]
     assert peak["source"] == "measured" and peak["unit"] == "process"
     precisions = {"float32", "bfloat16->float32", "bfloat16"}
@@ -251,7 +252,7 @@ def counting_compiles():
     [("false", "1000", 1), ("true", "5", 2)],  # telemetry: plain step + log-step variant
 )
 def test_train_compiles_each_step_function_once(tmp_path, telemetry, log_every, train_variants):
-    cfg = cli._build_config(
+    cfg = config_lib.load(
         CONFIG,
         list({**TRAIN, "telemetry.enabled": telemetry, "train.log_every_steps": log_every}.items()),
     )

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from perijax import cli
+from perijax import config as config_lib
 from perijax import data as data_lib
 from perijax import train as train_lib
 from perijax.config import ConfigError
@@ -28,7 +29,7 @@ BASE = {
 
 
 def config(**overrides):
-    return cli._build_config(str(ROOT / "configs" / "tiny.py"), list({**BASE, **overrides}.items()))
+    return config_lib.load(str(ROOT / "configs" / "tiny.py"), list({**BASE, **overrides}.items()))
 
 
 def rows(workdir: Path) -> list[dict]:

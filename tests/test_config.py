@@ -1,5 +1,6 @@
 """Config files, command-line overrides, validation errors and the shipped presets."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name != "_
 
 
 def build(spec: str, *overrides: tuple[str, str]) -> config_lib.Config:
-    return cli._build_config(spec, list(overrides))
+    return config_lib.load(spec, list(overrides))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -164,11 +165,11 @@ def test_a_saved_config_json_reloads_to_the_same_config(tmp_path):
     import dataclasses
     import json
 
-    cfg = cli._build_config("configs/small.py", [("model.ln_placement", "peri")])
+    cfg = config_lib.load("configs/small.py", [("model.ln_placement", "peri")])
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config_lib.to_dict(cfg)))
     assert config_lib.resolve(config_lib.load_config_file(str(path))) == cfg
-    again = cli._build_config(str(path), [("optim.lr", "0.1")])
+    again = config_lib.load(str(path), [("optim.lr", "0.1")])
     assert again == dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.1))
     path.write_text('{"model": {"no_such_key": 1}}')
     with pytest.raises(ConfigError, match="model.no_such_key"):
@@ -178,3 +179,63 @@ def test_a_saved_config_json_reloads_to_the_same_config(tmp_path):
         config_lib.load_config_file(str(path))
     with pytest.raises(ConfigError, match="takes no argument"):
         config_lib.load_config_file(f"{path}:size=1")
+
+
+def _perijax_modules():
+    root = ROOT / "perijax"
+    for path in sorted(root.rglob("*.py")):
+        yield path.relative_to(ROOT).as_posix(), ast.parse(path.read_text())
+
+
+def test_only_the_command_module_imports_the_cli():
+    """perijax.cli sits on top: library and subcommand modules use perijax.config.load and
+    perijax.commandline, so no module imports the CLI back."""
+    offenders = []
+    for name, tree in _perijax_modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "perijax":
+                hit = any(a.name == "cli" for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                hit = node.module == "perijax.cli"
+            elif isinstance(node, ast.Import):
+                hit = any(a.name == "perijax.cli" for a in node.names)
+            else:
+                hit = False
+            if hit and name != "perijax/cli.py":
+                offenders.append(f"{name}:{node.lineno}")
+    assert offenders == []
+
+
+def test_every_command_error_goes_through_one_function():
+    """`perijax: error: ...` is written in one place (perijax.commandline.fail); docstrings may
+    quote it."""
+    writers = []
+    for name, tree in _perijax_modules():
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and "perijax: error" in node.value
+                and id(node) not in docstrings
+            ):
+                writers.append(name)
+    assert writers == ["perijax/commandline.py"]
+
+
+def test_load_is_the_command_lines_config(capsys):
+    """config.load(spec, overrides) is what `perijax train --config SPEC --config.K=V` resolves;
+    a bad value is the same one-line error."""
+    cfg = config_lib.load("configs/tiny.py", [("model.ln_placement", "peri"), ("optim.lr", "0.5")])
+    assert (cfg.model.ln_placement, cfg.optim.lr) == ("peri", 0.5)
+    with pytest.raises(config_lib.ConfigError, match="model.ln_placement='x' is not valid"):
+        config_lib.load("configs/tiny.py", [("model.ln_placement", "x")])
+    assert cli.main(["train", "--config.model.ln_placement=x"]) == 2
+    assert "model.ln_placement='x' is not valid" in capsys.readouterr().err

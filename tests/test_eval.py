@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from perijax import cli  # noqa: E402
+from perijax import config as config_lib  # noqa: E402
 from perijax import evaluate as eval_lib  # noqa: E402
 from perijax import train as train_lib  # noqa: E402
 from perijax.data.corpus import TokenData  # noqa: E402
@@ -48,7 +48,7 @@ def run(tmp_path_factory):
         "telemetry.enabled": "false", "optim.warmup_steps": "0",
         "checkpoint.async_save": "false",
     }  # fmt: skip
-    cfg = cli._build_config(str(ROOT / "configs" / "tiny.py"), list(overrides.items()))
+    cfg = config_lib.load(str(ROOT / "configs" / "tiny.py"), list(overrides.items()))
     result = train_lib.train(cfg, workdir, log=lambda s: None)
     return {"cfg": cfg, "workdir": workdir, "eval": result["eval"]}
 

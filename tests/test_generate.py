@@ -124,6 +124,7 @@ def test_generate_command_on_a_checkpoint(tmp_path, capsys):
     from pathlib import Path
 
     from perijax import cli
+    from perijax import config as config_lib
     from perijax import train as train_lib
     from perijax.inference import load_model
 
@@ -134,7 +135,7 @@ def test_generate_command_on_a_checkpoint(tmp_path, capsys):
         "model.d_ff": "64", "model.dtype": "float32", "train.global_batch_size": "8",
         "train.total_steps": "3", "train.eval_every_steps": "0", "train.eval_batches": "1",
     }  # fmt: skip
-    cfg = cli._build_config(str(root / "configs" / "tiny.py"), list(overrides.items()))
+    cfg = config_lib.load(str(root / "configs" / "tiny.py"), list(overrides.items()))
     result = train_lib.train(cfg, tmp_path / "run", log=lambda s: None)
     expected = generate(load_model(tmp_path / "run").model, [[1, 2, 3]], 5)[0]
     trained = nnx.merge(result["state"].graphdef, result["state"].params)

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from perijax import cli, hf
+from perijax import config as config_lib
 from perijax import train as train_lib
 from perijax.checkpoint import unflatten
 from perijax.config import ConfigError, ModelConfig
@@ -421,7 +422,7 @@ def trained(tmp_path_factory):
         "train.eval_every_steps": "0", "train.eval_batches": "1", "optim.warmup_steps": "1",
         "checkpoint.every_steps": "0",
     }  # fmt: skip
-    cfg = cli._build_config(str(ROOT / "configs" / "tiny.py"), list(overrides.items()))
+    cfg = config_lib.load(str(ROOT / "configs" / "tiny.py"), list(overrides.items()))
     workdir = tmp_path_factory.mktemp("run")
     train_lib.train(cfg, workdir, log=lambda s: None)
     return workdir / "checkpoints" / "2"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from perijax import cli
+from perijax import config as config_lib
 from perijax.config import ConfigError
 from perijax.inference import load_model, params_numpy, write_checkpoint
 from perijax.model import Transformer
@@ -21,7 +21,7 @@ OVERRIDES = {
 
 
 def test_written_parameters_load_back_and_an_occupied_workdir_is_refused(tmp_path):
-    cfg = cli._build_config(str(ROOT / "configs" / "tiny.py"), list(OVERRIDES.items()))
+    cfg = config_lib.load(str(ROOT / "configs" / "tiny.py"), list(OVERRIDES.items()))
     first = Transformer(cfg.model, rngs=nnx.Rngs(params=1))
     path = write_checkpoint(cfg, nnx.state(first), tmp_path / "run")
     assert path == tmp_path / "run" / "checkpoints" / "0"

@@ -347,7 +347,7 @@ def test_generated_job_trains_like_one_process(tmp_path):
     trains the same losses as one process with 4 devices."""
     import jax
 
-    from perijax import cli
+    from perijax import config as config_lib
     from perijax import train as train_lib
 
     def command(workdir):
@@ -384,7 +384,7 @@ def test_generated_job_trains_like_one_process(tmp_path):
         text=True,
     )
 
-    cfg = cli._build_config("configs/tiny.py", list(TINY.items()))
+    cfg = config_lib.load("configs/tiny.py", list(TINY.items()))
     train_lib.train(cfg, tmp_path / "single", devices=jax.devices()[:4], log=lambda s: None)
 
     out, _ = proc.communicate(timeout=300)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perijax import cli
+from perijax import config as config_lib
 from perijax import train as train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert "[1] process 1/2 devices 4" in proc.stdout
     assert "[1] step" not in proc.stdout  # only process 0 logs
 
-    cfg = cli._build_config(str(ROOT / "configs" / "tiny.py"), list(OVERRIDES.items()))
+    cfg = config_lib.load(str(ROOT / "configs" / "tiny.py"), list(OVERRIDES.items()))
     train_lib.train(cfg, tmp_path / "single", log=lambda s: None)
     np.testing.assert_allclose(losses(tmp_path / "multi"), losses(tmp_path / "single"), rtol=1e-5)
 

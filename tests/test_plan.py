@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from perijax import cli
+from perijax import config as config_lib
 from perijax.plan import format_report, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,9 +19,7 @@ SMALL = {
 
 
 def report(**overrides):
-    cfg = cli._build_config(
-        str(ROOT / "configs" / "small.py"), list({**SMALL, **overrides}.items())
-    )
+    cfg = config_lib.load(str(ROOT / "configs" / "small.py"), list({**SMALL, **overrides}.items()))
     return plan(cfg, "h100")
 
 

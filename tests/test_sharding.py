@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from perijax import cli
+from perijax import config as config_lib
 from perijax import train as train_lib
 from perijax.config import ConfigError, MeshConfig
 from perijax.sharding import make_mesh, mesh_shape
@@ -26,9 +26,7 @@ MODEL = {
 
 
 def config(**overrides):
-    return cli._build_config(
-        str(ROOT / "configs" / "tiny.py"), list({**MODEL, **overrides}.items())
-    )
+    return config_lib.load(str(ROOT / "configs" / "tiny.py"), list({**MODEL, **overrides}.items()))
 
 
 def run(tmp_path, name, devices=None, **overrides):

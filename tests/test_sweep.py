@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from perijax import cli, sweep
+from perijax import cli, commandline, sweep
+from perijax import config as config_lib
 from perijax import train as train_lib
 from perijax.config import to_dict
 
@@ -32,7 +33,7 @@ def sweep_cli(*argv: str, capsys=None) -> tuple[int, str, str]:
     """`perijax sweep ARGV` through the command's own parser and entry point."""
     parser = argparse.ArgumentParser(prog="perijax")
     sweep.add_parser(parser.add_subparsers(dest="command"))
-    rest, overrides = cli._split_overrides(list(argv))
+    rest, overrides = commandline.split_overrides(list(argv))
     code = sweep.run(parser.parse_args(["sweep", *rest]), overrides)
     out, err = capsys.readouterr() if capsys else ("", "")
     return code, out, err
@@ -176,12 +177,12 @@ def test_emitted_commands_rebuild_each_runs_config(tmp_path, capsys):
     for line in lines:
         argv = shlex.split(line)
         assert argv[:2] == ["perijax", "train"]
-        rest, overrides = cli._split_overrides(argv[2:])
+        rest, overrides = commandline.split_overrides(argv[2:])
         parser = argparse.ArgumentParser()
         parser.add_argument("--config")
         parser.add_argument("--workdir")
         args = parser.parse_args(rest)
-        emitted[Path(args.workdir).name] = cli._build_config(args.config, overrides)
+        emitted[Path(args.workdir).name] = config_lib.load(args.config, overrides)
         assert Path(args.workdir).parent == root
     assert sorted(emitted) == sorted(n for n in SMOKE_NAMES if n != SMOKE_NAMES[1])
     for name, cfg in emitted.items():
@@ -411,7 +412,6 @@ def test_resuming_with_changed_settings_is_refused(smoke_root, capsys):
 
 
 def test_emit_slurm_and_tpu_wrap_one_train_command_per_run(tmp_path, capsys):
-    from perijax import cli
 
     base = ["sweep", "--sweep", "configs/sweeps/smoke.py", "--root", str(tmp_path / "sw")]
     assert cli.main([*base, "--emit", "commands"]) == 0

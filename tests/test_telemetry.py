@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_model import np_attention, np_mlp, np_norm
 
-from perijax import cli
+from perijax import config as config_lib
 from perijax import train as train_lib
 from perijax.checkpoint import flatten
 from perijax.metrics import expand_layers
@@ -24,7 +24,7 @@ BASE = {
 
 
 def config(**overrides):
-    return cli._build_config(str(ROOT / "configs" / "tiny.py"), list({**BASE, **overrides}.items()))
+    return config_lib.load(str(ROOT / "configs" / "tiny.py"), list({**BASE, **overrides}.items()))
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from perijax import cli
+from perijax import config as config_lib
 from perijax import train as train_lib
 from perijax.config import ConfigError
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(*overrides: tuple[str, str]):
-    return cli._build_config(str(ROOT / "configs" / "tiny.py"), list(overrides))
+    return config_lib.load(str(ROOT / "configs" / "tiny.py"), list(overrides))
 
 
 def test_tiny_config_loss_falls(tmp_path, data_cache):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from perijax import cli
+from perijax import config as config_lib
 from perijax import train as train_lib
 from perijax.tuning import cpu_compiler as xla_options
 
@@ -31,7 +31,7 @@ def _library_fusions_with_reductions(hlo: str) -> int:
 
 
 def test_cpu_steps_send_only_matmuls_to_the_library_and_compute_the_same_update():
-    cfg = cli._build_config(str(ROOT / "configs" / "tiny.py"), list(BASE.items()))
+    cfg = config_lib.load(str(ROOT / "configs" / "tiny.py"), list(BASE.items()))
     mesh = train_lib.setup_mesh(cfg, jax.devices()[:1])
     state = train_lib.init_state(cfg, mesh)
     batch = np.random.default_rng(0).integers(0, 256, (8, 1, 65)).astype(np.int32)

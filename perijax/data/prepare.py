@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perijax.commandline import fail
 from perijax.data import inputs as inputs_lib
 from perijax.data.inputs import InputError, InputFile, Piece, ReadStats
 from perijax.data.shards import (
@@ -664,7 +665,7 @@ def add_prepare_parser(subparsers) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     """Runs `perijax prepare`; returns the exit status (2 for bad input, 130 if interrupted)."""
     if args.tokenizer and args.train_tokenizer:
-        return _fail("use --tokenizer or --train-tokenizer, not both")
+        return fail("use --tokenizer or --train-tokenizer, not both")
     try:
         prepare(
             args.inputs,
@@ -684,17 +685,12 @@ def run_prepare(args: argparse.Namespace) -> int:
             log=lambda s: print(s, flush=True),
         )
     except ValueError as e:
-        return _fail(str(e))
+        return fail(str(e))
     except KeyboardInterrupt as e:
-        return _fail(str(e) or "interrupted", code=130)
+        return fail(str(e) or "interrupted", code=130)
     except OSError as e:  # disk full, permissions: still one line
-        return _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        return fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
     return 0
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"perijax: error: {message}", file=sys.stderr, flush=True)
-    return code
 
 
 def main(argv: list[str] | None = None) -> int:

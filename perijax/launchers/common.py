@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from perijax.commandline import fail, split_overrides, train_parser
+
 # Directories that are local to one machine on every cluster we target: a multi-host run whose
 # workdir is here would leave each host with its own partial checkpoints.
 LOCAL_ONLY_PREFIXES = ("/tmp", "/var/tmp", "/dev/shm", "/run", "/scratch/local")
@@ -26,9 +28,9 @@ class LaunchError(ValueError):
     """Bad launcher input; the message is one line."""
 
 
-def report(error: Exception, out: TextIO | None = None) -> int:
-    print(f"perijax: error: {error}", file=out or sys.stderr)
-    return 2
+def report(error: Exception) -> int:
+    """A launcher's bad input: one line on stderr, exit status 2."""
+    return fail(str(error))
 
 
 def require_tool(name: str, purpose: str) -> str:
@@ -66,7 +68,7 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
 
     The workdir is required: a launched run must restart into the same directory to resume.
     """
-    from perijax import cli
+    from perijax import config as config_lib
     from perijax.config import ConfigError
 
     args = strip_dashes(argv)
@@ -78,7 +80,7 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
     if args[0] != "train":
         raise LaunchError(f"the launched command must be `train ...`, got {shlex.join(args[:2])!r}")
     try:
-        rest, overrides = cli._split_overrides(args[1:])
+        rest, overrides = split_overrides(args[1:])
     except ValueError as e:
         raise LaunchError(str(e)) from e
     parser = _train_parser()
@@ -97,7 +99,7 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
     if restore:
         overrides = [*overrides, ("checkpoint.restore", restore)]
     try:
-        cfg = cli._build_config(known.config, overrides)
+        cfg = config_lib.load(known.config, overrides)
     except ConfigError as e:
         raise LaunchError(str(e)) from e
     if getattr(getattr(cfg, "checkpoint", None), "restore", ""):
@@ -112,14 +114,7 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
 
 def _train_parser() -> argparse.ArgumentParser:
     """The `perijax train` argument parser itself, so that every train option is known here."""
-    from perijax import cli
-
-    for action in cli.build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction) and "train" in action.choices:
-            parser = action.choices["train"]
-            parser.exit_on_error = False  # a malformed argument raises instead of exiting
-            return parser
-    raise LaunchError("this perijax has no train command")
+    return train_parser()
 
 
 def train_args_of(command: Sequence[str]) -> list[str]:
@@ -244,9 +239,5 @@ def run_steps(steps: Sequence[Step], runner: Callable[[Sequence[str]], int] | No
         if step.argv:
             status = runner(step.argv)
             if status:
-                print(
-                    f"perijax: error: exited with status {status}: {step.argv[0]} ...",
-                    file=sys.stderr,
-                )
-                return status
+                return fail(f"exited with status {status}: {step.argv[0]} ...", code=status)
     return 0

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from perijax.commandline import fail
 from perijax.launchers import common
 from perijax.launchers.common import LaunchError, Step, command, note
 
@@ -459,25 +460,21 @@ def run_with_restarts(
         state = query(target.describe_state())
         if state in HEALTHY:
             if status == 255:  # ssh's own status: the connection, not the run, ended
-                print(
-                    f"perijax: error: the ssh session ended but TPU {target.name} is {state}: "
-                    "the trainer may still run there (`logs` to see, `stop` to stop it)",
-                    file=sys.stderr,
+                return fail(
+                    f"the ssh session ended but TPU {target.name} is {state}: the trainer may "
+                    "still run there (`logs` to see, `stop` to stop it)",
+                    code=status,
                 )
-            else:
-                print(
-                    f"perijax: error: the run failed with status {status} on a healthy TPU "
-                    f"({state}); not restarting",
-                    file=sys.stderr,
-                )
-            return status
-        if restarts >= max_restarts:
-            print(
-                f"perijax: error: TPU {target.name} is {state or 'gone'} and "
-                f"--max-restarts={max_restarts} is used up",
-                file=sys.stderr,
+            return fail(
+                f"the run failed with status {status} on a healthy TPU ({state}); not restarting",
+                code=status,
             )
-            return status or 1
+        if restarts >= max_restarts:
+            return fail(
+                f"TPU {target.name} is {state or 'gone'} and --max-restarts={max_restarts} is "
+                "used up",
+                code=status or 1,
+            )
         restarts += 1
         print(
             f"perijax: TPU {target.name} is {state or 'gone'}: recreating it and resuming "
@@ -495,8 +492,7 @@ def run_with_restarts(
                 continue
             code = execute(step.argv)
             if code and "delete" not in step.argv:  # deleting what is already gone may fail
-                print(f"perijax: error: exited with status {code}: {step.shell()}", file=sys.stderr)
-                return code
+                return fail(f"exited with status {code}: {step.shell()}", code=code)
 
 
 def _execute(argv: Sequence[str]) -> int:

@@ -1,0 +1,126 @@
+"""What every `perijax` subcommand shares: the one error path (one line on stderr, an exit
+status), the `--config.SECTION.KEY=VALUE` override syntax, and the `train` command itself, which
+the launchers also parse. `perijax.cli` assembles the subcommands on top of this module; library
+modules never import `perijax.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/tiny.py"
+
+
+def fail(message: str, code: int = 2) -> int:
+    """Prints `perijax: error: MESSAGE` (one line) to stderr and returns the exit status: 2 for
+    bad input, before anything was computed or written."""
+    print(f"perijax: error: {message}", file=sys.stderr)
+    return code
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments
+    (everything after a bare `--` is left alone, for launch-local). Raises ValueError for an
+    override without a value."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config.") :].partition("=")
+            if not sep:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"--config.{key} needs a value: --config.{key}=VALUE")
+                value, i = argv[i + 1], i + 1
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    train = sub.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model. Any config key can be overridden with "
+        "--config.SECTION.KEY=VALUE (e.g. --config.model.ln_placement=peri).",
+    )
+    train.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        metavar="FILE[:ARG]",
+        help=f"config file and optional argument (default: {DEFAULT_CONFIG})",
+    )
+    train.add_argument(
+        "--workdir",
+        help="output directory (default: runs/<config>-<time>); a workdir with checkpoints "
+        "resumes from its latest one",
+    )
+    train.add_argument(
+        "--restore",
+        metavar="PATH",
+        help="start from this checkpoint (a checkpoints/<step> folder, or a workdir for its "
+        "latest), even if the workdir has its own; same as --config.checkpoint.restore",
+    )
+    return train
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """A standalone parser of `train`'s arguments (the launchers check a launched command with
+    it); a malformed argument raises argparse.ArgumentError instead of exiting."""
+    parser = argparse.ArgumentParser(prog="perijax", exit_on_error=False)
+    train = add_train_parser(parser.add_subparsers(dest="command"))
+    train.exit_on_error = False
+    return train
+
+
+def _default_workdir(spec: str) -> str:
+    name = Path(spec.partition(":")[0]).stem
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    """Entry point of `perijax train`: 2 for bad input, 3 when training diverged, 130 when
+    interrupted."""
+    from perijax import config as config_lib
+    from perijax import storage
+    from perijax.config import ConfigError
+
+    if args.restore:
+        overrides = [*overrides, ("checkpoint.restore", args.restore)]
+    try:
+        cfg = config_lib.load(args.config, overrides)
+        workdir = args.workdir or _default_workdir(args.config)
+        if storage.as_path(workdir).exists() and not storage.as_path(workdir).is_dir():
+            raise ConfigError(f"--workdir {workdir} exists and is not a directory")
+        from perijax import distributed
+
+        distributed.initialize(cfg.distributed)  # before anything starts a JAX backend
+        from perijax import train as train_lib
+
+        data = train_lib.load_data(cfg)
+    except ConfigError as e:
+        return fail(str(e))
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"workdir: {workdir}", flush=True)
+    from perijax.checkpoint import CheckpointError
+
+    try:
+        train_lib.train(cfg, workdir, data=data, log=lambda s: print(s, flush=True))
+    except (ConfigError, CheckpointError) as e:
+        return fail(str(e))
+    except train_lib.TrainingDiverged as e:
+        return fail(f"training diverged: {e}", code=3)
+    except KeyboardInterrupt:
+        return fail("interrupted", code=130)
+    return 0
