@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -148,11 +149,17 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def check_compatible(
-        self, step: int, abstract_state: Any, defaults: dict[str, Any] | None = None
+        self,
+        step: int,
+        abstract_state: Any,
+        defaults: dict[str, Any] | None = None,
+        retired: Collection[str] = (),
     ) -> None:
         """Raises ConfigError naming the first parameter whose presence or shape differs
-        (entries of `defaults` may be absent from the checkpoint)."""
+        (entries of `defaults` may be absent from the checkpoint, entries named in `retired` may
+        be present)."""
         saved = self.manager.item_metadata(step)["state"]
+        saved = {k: v for k, v in saved.items() if k not in retired}
         expected = flatten(abstract_state)
         expected = {k: v for k, v in expected.items() if k in saved or k not in (defaults or {})}
         # Parameters first: their names say what changed (the optimizer moments mirror them).
@@ -178,15 +185,23 @@ class Checkpointer:
                 )
 
     def restore(
-        self, step: int, abstract_state: Any, defaults: dict[str, Any] | None = None
+        self,
+        step: int,
+        abstract_state: Any,
+        defaults: dict[str, Any] | None = None,
+        retired: Collection[str] = (),
     ) -> tuple[Any, dict | None, dict]:
         """Restores onto the shardings carried by `abstract_state` (any mesh). `defaults`
         {flat key: value} fill state entries that a checkpoint written before they existed
-        lacks."""
-        self.check_compatible(step, abstract_state, defaults)
+        lacks; entries named in `retired`, which a checkpoint written before they were removed
+        holds, are read (as host arrays: they are scalars) and dropped."""
+        self.check_compatible(step, abstract_state, defaults, retired)
         saved = self.manager.item_metadata(step)["state"]
         target = flatten(abstract_state)
         missing = {k: target.pop(k) for k in list(target) if k not in saved}
+        old = [k for k in retired if k in saved]
+        for key in old:
+            target[key] = jax.ShapeDtypeStruct(tuple(saved[key].shape), saved[key].dtype)
         args = {
             "state": ocp.args.StandardRestore(target),
             "meta": ocp.args.JsonRestore(),
@@ -195,6 +210,8 @@ class Checkpointer:
             args["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         flat = dict(restored["state"])
+        for key in old:
+            del flat[key]
         for key, like in missing.items():
             flat[key] = jax.device_put(np.asarray(defaults[key], like.dtype), like.sharding)
         state = unflatten(abstract_state, flat)

@@ -129,10 +129,10 @@ class TrainConfig:
     log_every_steps: int = 10
     eval_every_steps: int = 200  # 0: evaluate only at the end
     eval_batches: int = 8
-    # Divergence guard (docs/checkpointing.md): a step with a non-finite loss or gradient, or a
-    # loss above loss_spike_factor x the recent average (0: off), leaves params untouched.
+    # Divergence guard (docs/checkpointing.md): a step with a non-finite loss or gradient, or
+    # (skip_loss_spikes) a loss spike as telemetry.* defines and counts it, leaves params untouched.
     skip_bad_steps: bool = True
-    loss_spike_factor: float = 0.0
+    skip_loss_spikes: bool = False
     max_consecutive_bad_steps: int = 5  # then: roll back to the last checkpoint, or stop
     on_repeated_bad_steps: str = "rollback"  # rollback | stop
     rollback_skips_batches: bool = True  # after a rollback, continue with fresh batches
@@ -278,7 +278,21 @@ def _parse_text(path: str, text: str, allowed: tuple[type, ...]) -> Any:
     raise ConfigError(f"config key '{path}' must be {names}, got {text!r}")
 
 
+# Keys that were replaced: {old key: (the value that meant "off", what to use now)}. A saved
+# config (config.json, a checkpoint's) holding the "off" value still loads; any other use is a
+# one-line error naming the replacement.
+REPLACED_KEYS = {
+    "train.loss_spike_factor": (
+        0.0,
+        "train.skip_loss_spikes=true (a loss spike is loss > telemetry.loss_spike_factor x the "
+        "running median of the last telemetry.spike_window losses, as telemetry counts it)",
+    ),
+}
+
+
 def _unknown_key(path: str, known: list[str]) -> ConfigError:
+    if path in REPLACED_KEYS:
+        return ConfigError(f"config key '{path}' was replaced: use {REPLACED_KEYS[path][1]}")
     return ConfigError(f"unknown config key '{path}': expected one of {', '.join(sorted(known))}")
 
 
@@ -396,6 +410,10 @@ def resolve(cd: ml_collections.ConfigDict | dict) -> Config:
     for name, cls in SECTIONS.items():
         values = dict(raw.get(name) or {})
         names = [f.name for f in dataclasses.fields(cls)]
+        for key in list(values):
+            replaced = REPLACED_KEYS.get(f"{name}.{key}")
+            if replaced is not None and key not in names and values[key] == replaced[0]:
+                del values[key]  # a saved config from before the change, with the key off
         for key in values:
             if key not in names:
                 raise _unknown_key(f"{name}.{key}", [f"{name}.{n}" for n in names])
@@ -490,7 +508,6 @@ def validate(cfg: Config) -> None:
     _require(cfg.mesh.dcn_data >= 1, f"mesh.dcn_data must be >= 1, got {cfg.mesh.dcn_data}")
     _one_of("train.on_repeated_bad_steps", t.on_repeated_bad_steps, ON_BAD_STEPS)
     _positive(t, "train", "max_consecutive_bad_steps")
-    _require(t.loss_spike_factor >= 0, "train.loss_spike_factor must be >= 0 (0 disables it)")
     _require(t.max_rollbacks >= 0, f"train.max_rollbacks must be >= 0, got {t.max_rollbacks}")
     _require(
         1 <= t.loss_scale_init <= MAX_LOSS_SCALE,

@@ -53,10 +53,8 @@ class Guard:
     """Static divergence-guard settings compiled into the step (docs/checkpointing.md)."""
 
     skip_bad_steps: bool = True
-    loss_spike_factor: float = 0.0  # 0: only non-finite steps are bad
+    skip_loss_spikes: bool = False  # a loss spike (Spikes) is a bad step too
     max_consecutive_bad_steps: int = 5
-    spike_warmup_steps: int = 20  # accepted steps before the spike test starts
-    spike_window: int = 100  # the recent average is a running mean over about this many steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +70,8 @@ class LossScaling:
 
 @dataclasses.dataclass(frozen=True)
 class Spikes:
-    """Static spike definitions (docs/telemetry.md)."""
+    """Static spike definitions (docs/telemetry.md): the counters and, with
+    `train.skip_loss_spikes`, the divergence guard use the same one."""
 
     grad_factor: float = 3.0
     loss_factor: float = 1.2
@@ -87,8 +86,6 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
-    loss_avg: jax.Array  # running mean of accepted losses (the spike reference)
-    accepted_steps: jax.Array
     bad_streak: jax.Array  # consecutive skipped steps
     skipped_steps: jax.Array  # total skipped steps
     needs_rollback: jax.Array  # bad_streak reached the limit since the last check
@@ -125,8 +122,6 @@ def create_state(cfg: Config) -> TrainState:
         step=zero(),
         params=params,
         opt_state=tx.init(params),
-        loss_avg=jnp.zeros((), jnp.float32),
-        accepted_steps=zero(),
         bad_streak=zero(),
         skipped_steps=zero(),
         needs_rollback=jnp.zeros((), bool),
@@ -141,7 +136,7 @@ def create_state(cfg: Config) -> TrainState:
         graphdef=graphdef,
         tx=tx,
         lr_fn=lr_schedule(cfg.optim, t.total_steps),
-        guard=Guard(t.skip_bad_steps, t.loss_spike_factor, t.max_consecutive_bad_steps),
+        guard=Guard(t.skip_bad_steps, t.skip_loss_spikes, t.max_consecutive_bad_steps),
         spikes=Spikes(
             cfg.telemetry.grad_spike_factor,
             cfg.telemetry.loss_spike_factor,
@@ -154,6 +149,12 @@ def create_state(cfg: Config) -> TrainState:
             else None
         ),
     )
+
+
+# TrainState entries that checkpoints written before their removal hold; a restore drops them.
+# loss_avg and accepted_steps: the guard's own running-mean spike test, replaced by the spike
+# counters' definition (train.skip_loss_spikes).
+RETIRED_STATE = ("loss_avg", "accepted_steps")
 
 
 def added_state(cfg: Config) -> dict[str, Any]:
@@ -382,7 +383,8 @@ def telemetry(state: TrainState, grads: Any, params: Any, stats: dict) -> dict[s
 
 def _count_spikes(state: TrainState, loss: jax.Array, grad_norm: jax.Array) -> dict:
     """Spike counters, updated every step: a value above factor x the running median of the last
-    `window` finite values (counted once `min_history` values exist)."""
+    `window` finite values (counted once `min_history` values exist). Every finite step enters
+    the history, applied or not, so a lasting change of level stops counting as spikes."""
     sp = state.spikes
     ready = state.history_count >= sp.min_history
     grad_spike = ready & (grad_norm > sp.grad_factor * jnp.nanmedian(state.grad_history))
@@ -435,12 +437,12 @@ def train_step(
 
     # Divergence guard: a bad step leaves params and optimizer state exactly as they were.
     g, amp = state.guard, state.loss_scaling
+    spike_counts = _count_spikes(state, loss, grad_norm)
     ok = jnp.asarray(True)
     if g.skip_bad_steps:
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if g.loss_spike_factor > 0:
-            warm = state.accepted_steps >= g.spike_warmup_steps
-            ok &= ~(warm & (loss > g.loss_spike_factor * state.loss_avg))
+        if g.skip_loss_spikes:  # the same test that counts spikes/loss
+            ok &= spike_counts["loss_spikes"] == state.loss_spikes
     applied, bad, scaling = ok, ~ok, {}
     if amp is not None:
         # float16 overflow: the forward loss is finite but the scaled gradients are not, and
@@ -453,16 +455,11 @@ def train_step(
         keep = lambda new, old: jnp.where(applied, new, old)  # noqa: E731
         params = jax.tree.map(keep, params, state.params)
         opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-    spike_counts = _count_spikes(state, loss, grad_norm)
-    n = jnp.minimum(state.accepted_steps + 1, g.spike_window).astype(jnp.float32)
-    loss_avg = jnp.where(applied, state.loss_avg + (loss - state.loss_avg) / n, state.loss_avg)
     bad_streak = jnp.where(applied, 0, state.bad_streak + bad)  # an overflow leaves it as is
     new_state = state.replace(
         step=state.step + 1,
         params=params,
         opt_state=opt_state,
-        loss_avg=loss_avg,
-        accepted_steps=state.accepted_steps + applied,
         bad_streak=bad_streak,
         skipped_steps=state.skipped_steps + bad,
         needs_rollback=state.needs_rollback | (bad_streak >= g.max_consecutive_bad_steps),
@@ -560,7 +557,9 @@ def _restore_or_init(cfg: Config, mesh: Mesh, own: Any, log) -> tuple:
         step = step if step is not None else source.latest_step()
         if step is None:  # only incomplete steps there (a run killed during its first save)
             return init_state(cfg, mesh), None, "initialized from train.seed"
-        state, data_state, meta = source.restore(step, abstract_state(cfg, mesh), added_state(cfg))
+        state, data_state, meta = source.restore(
+            step, abstract_state(cfg, mesh), added_state(cfg), RETIRED_STATE
+        )
         state = continue_loss_scale(cfg, state, meta)
     finally:
         source.manager.close()
@@ -826,7 +825,9 @@ def _roll_back(cfg, mesh, ckpt: Checkpointer, batches, step: int, rollbacks: int
             else f"train.max_rollbacks={t.max_rollbacks} reached"
         )
         raise TrainingDiverged(f"{report}; {why}")
-    state, data_state, meta = ckpt.restore(latest, abstract_state(cfg, mesh), added_state(cfg))
+    state, data_state, meta = ckpt.restore(
+        latest, abstract_state(cfg, mesh), added_state(cfg), RETIRED_STATE
+    )
     state = continue_loss_scale(cfg, state, meta)
     if not t.rollback_skips_batches and data_state is not None:
         batches.set_state(data_state)

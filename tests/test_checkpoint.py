@@ -201,6 +201,56 @@ def test_repeated_nans_without_checkpoint_stop_with_a_report(tmp_path, monkeypat
         train_lib.train(cfg, tmp_path, log=lambda s: None)
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_loss_spike_is_a_bad_step_with_skip_loss_spikes(skip):
+    """The guard's loss spike is the counters' one: loss > telemetry.loss_spike_factor x the
+    median of the recent losses. With train.skip_loss_spikes it is counted and not applied;
+    without, counted and applied."""
+    cfg = config(**{
+        "train.skip_loss_spikes": str(skip).lower(), "telemetry.spike_window": "8",
+        "telemetry.spike_min_history": "4", "optim.warmup_steps": "0",
+    })  # fmt: skip
+    state = train_lib.create_state(cfg)
+    # Eight recent losses of 1.0: a loss of ln(64) = 4.2 at initialization is a spike.
+    state = state.replace(loss_history=state.loss_history.at[:].set(1.0), history_count=8)
+    batch = np.random.default_rng(0).integers(0, 64, (8, 1, 17)).astype(np.int32)
+    new, m = jax.jit(train_lib.train_step)(state, batch)
+    assert float(m["train/loss"]) > 1.2 and int(m["spikes/loss"]) == 1
+    assert int(m["guard/skipped_steps"]) == int(skip)
+    unchanged = [
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True)
+    ]
+    assert all(unchanged) if skip else not any(unchanged)
+
+
+def test_a_checkpoint_with_the_old_guard_state_still_resumes_exactly(tmp_path, straight):
+    """Checkpoints written before the guard used the spike counters hold two more scalars
+    (loss_avg, accepted_steps); a resume drops them and continues bit-exactly."""
+    import orbax.checkpoint as ocp
+
+    from perijax.checkpoint import Checkpointer
+
+    cfg = config()
+    train_lib.train(cfg, tmp_path / "new", log=stop_at(4))
+    reader = Checkpointer(tmp_path / "new" / "checkpoints", cfg.checkpoint, read_only=True)
+    saved = reader.manager.restore(5, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore(),
+        data=ocp.args.JsonRestore(),
+    ))  # fmt: skip
+    reader.manager.close()
+    old = {**saved["state"], "loss_avg": np.float32(4.0), "accepted_steps": np.int32(5)}
+    writer = Checkpointer(tmp_path / "old" / "checkpoints", cfg.checkpoint)
+    writer.save(5, old, saved["data"], {k: v for k, v in saved["meta"].items() if k != "step"})
+    writer.close()
+    for name in ("config.json", "metrics.jsonl"):
+        (tmp_path / "old" / name).write_bytes((tmp_path / "new" / name).read_bytes())
+    result = train_lib.train(cfg, tmp_path / "old", log=lambda s: None)
+    assert losses_by_step(tmp_path / "old") == straight[0]
+    for a, b in zip(params_of(result), straight[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_restoring_a_different_placement_names_the_parameter(tmp_path):
     train_lib.train(config(**{"model.ln_placement": "peri"}), tmp_path, log=stop_at(2))
     with pytest.raises(

@@ -1,6 +1,7 @@
 """Config files, command-line overrides, validation errors and the shipped presets."""
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -239,3 +240,23 @@ def test_load_is_the_command_lines_config(capsys):
         config_lib.load("configs/tiny.py", [("model.ln_placement", "x")])
     assert cli.main(["train", "--config.model.ln_placement=x"]) == 2
     assert "model.ln_placement='x' is not valid" in capsys.readouterr().err
+
+
+def test_a_replaced_key_names_its_replacement(tmp_path):
+    """train.loss_spike_factor became train.skip_loss_spikes: the old key is a one-line error
+    naming the new one, except in a saved config that holds its old "off" value (0)."""
+    with pytest.raises(
+        ConfigError,
+        match=r"'train.loss_spike_factor' was replaced: use train\.skip_loss_spikes=true",
+    ):
+        build("configs/tiny.py", ("train.loss_spike_factor", "2"))
+    saved = config_lib.to_dict(build("configs/tiny.py"))
+    del saved["train"]["skip_loss_spikes"]
+    saved["train"]["loss_spike_factor"] = 0.0  # a config.json from before the change
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    assert config_lib.load(str(path)) == build("configs/tiny.py")
+    saved["train"]["loss_spike_factor"] = 1.5
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="was replaced: use train.skip_loss_spikes=true"):
+        config_lib.load(str(path))
