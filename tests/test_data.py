@@ -1,4 +1,5 @@
-"""Tests for perijax.data: stdlib corpus preparation and cache, synthetic data, batch iterators."""
+"""Tests for perijax.data: stdlib corpus preparation and cache, synthetic data, pickling of the
+Grain source (the batch iterators: test_data_loader.py)."""
 
 import hashlib
 import json
@@ -14,12 +15,11 @@ import pytest
 
 from perijax.data import (
     EOD_TOKEN,
-    WindowSource,
+    PackedWindows,
+    TokenStream,
     corpus,
-    eval_batches,
     load_token_data,
     stdlib_files,
-    train_batches,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -256,112 +256,26 @@ def test_synthetic_is_deterministic_and_learnable(tmp_path):
     assert np.bincount(pairs // 97, minlength=97).max() <= 4
 
 
-# --- train_batches ------------------------------------------------------------------------
+# --- pickling (Grain worker processes) ---------------------------------------------------
 
 SEQ = 8
-WINDOWS = 24
-TOKENS = np.arange(WINDOWS * SEQ + 1, dtype=np.uint32)  # window i starts with token i * SEQ
+TOKENS = np.arange(4096 * SEQ + 1, dtype=np.uint32)  # 64 KiB as uint16
 
 
-def _window_ids(batch: np.ndarray) -> list[int]:
-    return [int(row[0]) // SEQ for row in batch]
-
-
-def test_train_batches_shapes_and_targets():
-    it = train_batches(TOKENS, seq_len=SEQ, batch_size=4, seed=0)
-    for _ in range(10):
-        batch = next(it)
-        assert batch.shape == (4, SEQ + 1) and batch.dtype == np.int32
-        for row in batch:
-            # One contiguous window on a seq_len boundary: targets row[1:] = inputs shifted by 1.
-            assert row[0] % SEQ == 0
-            assert np.array_equal(row, TOKENS[row[0] : row[0] + SEQ + 1])
-
-
-def test_train_batches_epochs_are_fresh_permutations():
-    it = train_batches(TOKENS, seq_len=SEQ, batch_size=4, seed=0)
-    epochs = [[w for _ in range(6) for w in _window_ids(next(it))] for _ in range(2)]
-    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(WINDOWS))
-    assert epochs[0] != epochs[1]
-
-
-def test_train_batches_deterministic_per_seed():
-    def first(seed):
-        it = train_batches(TOKENS, seq_len=SEQ, batch_size=4, seed=seed)
-        return np.stack([next(it) for _ in range(6)])
-
-    assert np.array_equal(first(3), first(3))
-    assert not np.array_equal(first(3), first(4))
-
-
-def test_train_batches_processes_split_each_epoch():
-    def epoch(index, count, batch_size):
-        it = train_batches(
-            TOKENS,
-            seq_len=SEQ,
-            batch_size=batch_size,
-            seed=5,
-            process_index=index,
-            process_count=count,
-        )
-        return [w for _ in range(WINDOWS // (batch_size * count)) for w in _window_ids(next(it))]
-
-    p0, p1 = epoch(0, 2, 3), epoch(1, 2, 3)
-    assert set(p0).isdisjoint(p1)
-    assert sorted(p0 + p1) == sorted(epoch(0, 1, 3)) == list(range(WINDOWS))
-
-
-def test_train_batches_resume_from_state():
-    it = train_batches(TOKENS, seq_len=SEQ, batch_size=4, seed=0)
-    for _ in range(3):
-        next(it)
-    state = it.get_state()
-    expected = [next(it) for _ in range(4)]
-    resumed = train_batches(TOKENS, seq_len=SEQ, batch_size=4, seed=0)
-    resumed.set_state(state)
-    assert all(
-        np.array_equal(a, b)
-        for a, b in zip(expected, [next(resumed) for _ in range(4)], strict=True)
-    )
-
-
-def test_train_batches_too_small():
-    with pytest.raises(ValueError, match=r"need 49 tokens, got 41"):
-        train_batches(TOKENS[:41], seq_len=SEQ, batch_size=3, seed=0, process_count=2)
-
-
-def test_window_source_pickles_memmap_by_name(tmp_path):
+def test_packed_windows_pickle_memmapped_parts_by_name(tmp_path):
+    """A whole-file memmap part travels to a Grain worker as its file name; a view of one (not
+    the whole file) as its data; both read back the same windows."""
     path = tmp_path / "t.bin"
     TOKENS.astype("<u2").tofile(path)
     mm = np.memmap(path, dtype="<u2", mode="r")
-    source = WindowSource(mm, SEQ)
+    offsets = np.array([0, len(mm)], np.int64)
+    source = PackedWindows(TokenStream(arrays=[(mm, offsets)]), SEQ)
     blob = pickle.dumps(source)
-    assert len(blob) < 300  # the file name, not the data
+    assert len(blob) < 2000  # the file name, not the 64 KiB of tokens
     restored = pickle.loads(blob)
     assert all(np.array_equal(restored[i], source[i]) for i in range(len(source)))
-    sliced = pickle.loads(pickle.dumps(WindowSource(mm[SEQ:], SEQ)))  # a view: pickled as data
-    assert np.array_equal(sliced[0], source[1])
-
-
-# --- eval_batches -------------------------------------------------------------------------
-
-
-def test_eval_batches_consecutive_and_deterministic():
-    batches = eval_batches(TOKENS, seq_len=SEQ, batch_size=5, num_batches=3)
-    assert len(batches) == 3
-    assert [_window_ids(b) for b in batches] == [
-        [0, 1, 2, 3, 4],
-        [5, 6, 7, 8, 9],
-        [10, 11, 12, 13, 14],
-    ]
-    for b in batches:
-        assert b.dtype == np.int32 and b.shape == (5, SEQ + 1)
-        assert np.array_equal(b[:, 1:], b[:, :-1] + 1)
-    again = eval_batches(TOKENS, seq_len=SEQ, batch_size=5, num_batches=3)
-    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
-
-
-def test_eval_batches_short_split():
-    assert len(eval_batches(TOKENS, seq_len=SEQ, batch_size=5, num_batches=100)) == WINDOWS // 5
-    with pytest.raises(ValueError, match="eval split too small"):
-        eval_batches(TOKENS[:40], seq_len=SEQ, batch_size=5, num_batches=1)
+    view = mm[SEQ:]
+    sliced = PackedWindows(TokenStream(arrays=[(view, np.array([0, len(view)], np.int64))]), SEQ)
+    blob = pickle.dumps(sliced)
+    assert len(blob) > view.nbytes  # a view: pickled as data
+    assert np.array_equal(pickle.loads(blob)[0], source[1])

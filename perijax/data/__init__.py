@@ -19,7 +19,6 @@ from perijax.data.datasets import (
     open_datasets,
     parse_mixture,
 )
-from perijax.data.loader import WindowSource, eval_batches, train_batches
 from perijax.data.packing import PackedWindows, TokenStream
 from perijax.data.shards import open_prepared
 from perijax.data.tokenizer import Tokenizer, load_tokenizer
@@ -34,8 +33,6 @@ __all__ = [
     "TokenStream",
     "Tokenizer",
     "TrainIterator",
-    "WindowSource",
-    "eval_batches",
     "load_token_data",
     "load_tokenizer",
     "open_datasets",
@@ -44,5 +41,4 @@ __all__ = [
     "split_files",
     "stdlib_files",
     "synthetic_token_data",
-    "train_batches",
 ]
