@@ -12,22 +12,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from perijax import storage
 from perijax.config import ConfigError
-
-
-def cross_entropy(
-    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy and token count. logits: [B, T, V]; targets: [B, T];
-    mask: [B, T] bool, the positions that count (others are selected away, not multiplied, so
-    padding cannot leak into the sum)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    if mask is None:
-        return losses.sum(), jnp.asarray(losses.size, jnp.float32)
-    return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask, dtype=jnp.float32)
 
 
 def global_norm(tree) -> jax.Array:

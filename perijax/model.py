@@ -442,8 +442,8 @@ class Transformer(nnx.Module):
         per-layer telemetry, for inputs `tokens` [B, T] and their `targets` [B, T]; `mask` [B, T]
         marks the positions that count (None: all); `segment_ids` [B, T] as in `__call__`. The
         output head and the loss run in chunks of `ModelConfig.loss_chunk_len` positions without
-        whole-batch logits (`perijax.loss`); the result equals
-        `metrics.cross_entropy(self(tokens), targets, mask)`."""
+        whole-batch logits (`perijax.loss`); the result equals the cross-entropy of the whole
+        logits `self(tokens)` (tests/test_loss.py checks it)."""
         x, stats = self.hidden(tokens, collect_stats=collect_stats, segment_ids=segment_ids)
         b, t = tokens.shape
         vocab_first = self.lm_head is None

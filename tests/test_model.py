@@ -367,9 +367,9 @@ def test_bfloat16_compute_trains_on_cpu(tie):
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
+    from test_loss import cross_entropy
 
     from perijax.config import ModelConfig
-    from perijax.metrics import cross_entropy
     from perijax.model import Transformer
 
     tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, 64)
