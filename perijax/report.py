@@ -356,8 +356,12 @@ def stability_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     """Per placement (x every other varying key but lr): the learning rates tried, the largest
     at which every finished run was stable, the smallest at which one was not, and the best
     (lowest mean final eval loss, else train loss, among lrs where every finished run was
-    stable) with the seeds' mean and sample std there. `interior`: the best lr has a tried lr
-    on each side, so the optimum is bracketed."""
+    stable) with the mean and sample std over all its seeds. `interior`: the best lr has a
+    tried lr on each side, so the optimum is bracketed.
+
+    The best lr is chosen on the seeds that every stable lr has (`chosen_on`; all seeds if none
+    is common): a sweep that added seeds at one rate (`refine`) would otherwise compare a
+    5-seed mean with single runs, and the luckiest single run would win."""
     keys = [k for k in group_keys(runs) if k != "optim.lr"]
     key = "eval/loss" if any(r.final("eval/loss") is not None for r in runs) else "train/loss"
     settings: dict[tuple, list[RunResult]] = {}
@@ -375,9 +379,16 @@ def stability_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
         verdicts = {x: [is_stable(r) for r in by_lr[x] if is_stable(r) is not None] for x in lrs}
         stable = [x for x in lrs if verdicts[x] and all(verdicts[x])]
         unstable = [x for x in lrs if not all(verdicts[x])]
-        scores = {x: Stat.of([r.final(key) for r in by_lr[x] if r.state == "done"]) for x in stable}
-        scored = [x for x in stable if scores[x].mean is not None]
-        best = min(scored, key=lambda x: scores[x].mean) if scored else None
+        done = {x: [r for r in by_lr[x] if r.state == "done"] for x in stable}
+        seeds = [{r.seed for r in done[x]} for x in stable if done[x]]
+        common = set.intersection(*seeds) if seeds else set()
+        scores = {x: Stat.of([r.final(key) for r in done[x]]) for x in stable}
+        chosen = {
+            x: Stat.of([r.final(key) for r in done[x] if not common or r.seed in common])
+            for x in stable
+        }
+        scored = [x for x in stable if chosen[x].mean is not None]
+        best = min(scored, key=lambda x: chosen[x].mean) if scored else None
         table.append(
             {
                 "keys": dict(zip(keys, values, strict=True)),
@@ -388,6 +399,7 @@ def stability_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                 "finished_runs": sum(len(verdicts[x]) for x in lrs),
                 "best_lr": best,
                 "interior": best is not None and lrs[0] < best < lrs[-1],
+                "chosen_on": sorted(common),
                 "at_best": scores[best] if best is not None else Stat(None, None, 0),
                 "metric": key,
             }
@@ -404,6 +416,7 @@ def stability_markdown(rows: Sequence[dict[str, Any]]) -> str:
         "largest stable lr",
         "smallest unstable lr",
         "best lr",
+        "chosen on seeds",
         "best lr interior",
         f"final {metric} at best lr",
         "seed std at best lr",
@@ -417,6 +430,7 @@ def stability_markdown(rows: Sequence[dict[str, Any]]) -> str:
             _fmt_value(row["largest_stable"]) if row["largest_stable"] else "none",
             _fmt_value(row["smallest_unstable"]) if row["smallest_unstable"] else "none tried",
             _fmt_value(row["best_lr"]) if row["best_lr"] else "–",
+            ",".join(map(str, row["chosen_on"])) or "all",
             ("yes" if row["interior"] else "no (at the grid's edge)") if row["best_lr"] else "–",
             "–" if at.mean is None else f"{at.mean:.4f} (n={at.n})",
             "–" if at.std is None else f"{at.std:.4f}",
@@ -434,6 +448,7 @@ def write_stability_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
         "largest_stable_lr",
         "smallest_unstable_lr",
         "best_lr",
+        "chosen_on_seeds",
         "best_lr_interior",
         "metric",
         "at_best_mean",
@@ -449,7 +464,8 @@ def write_stability_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 list(row["keys"].values())
                 + [" ".join(f"{x:g}" for x in row["lrs"]), row["unstable_runs"]]
                 + [row["finished_runs"], _csv(row["largest_stable"])]
-                + [_csv(row["smallest_unstable"]), _csv(row["best_lr"]), row["interior"]]
+                + [_csv(row["smallest_unstable"]), _csv(row["best_lr"])]
+                + [" ".join(map(str, row["chosen_on"])), row["interior"]]
                 + [row["metric"], _csv(at.mean), _csv(at.std), at.n]
             )
 
@@ -660,8 +676,9 @@ def report(
         f"Unstable: diverged (a non-finite loss) or blew up (a train loss after step 0 above "
         f"{BLOWUP_FACTOR:g} x the loss at initialization: the step-0 eval loss, else ln(vocab)). "
         "Largest stable lr: the largest at which every finished run was stable; best lr: the "
-        "lowest mean final loss among those; interior: a tried lr lies on each side of it. "
-        "Seed std: sample std over the seeds at the best lr.\n"
+        "lowest mean final loss among those, compared on the seeds every such lr has (chosen on "
+        "seeds); interior: a tried lr lies on each side of it. Final loss and seed std at the "
+        "best lr: mean and sample std over all its seeds.\n"
     )
     if notes:
         body.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
