@@ -146,7 +146,8 @@ def fig_resid_var(reps: dict[str, RunResult], path: Path) -> str | None:
 
 def fig_loss_vs_lr(runs: Sequence[RunResult], path: Path) -> str | None:
     """Final loss (eval/loss, else train/loss) of every run vs lr, placements as colors, one
-    panel per setting of the other varying keys (e.g. float32, float16) on a shared y axis. The
+    panel per setting of the other varying keys (e.g. float32, float16; in the order the runs
+    come) on a shared y axis. The
     line joins the means over seeds of the stable runs; unstable runs are marks on the top row
     (x: diverged, ^: blew up) with "k/n" unstable of the runs at that lr."""
     import matplotlib.pyplot as plt
@@ -159,7 +160,7 @@ def fig_loss_vs_lr(runs: Sequence[RunResult], path: Path) -> str | None:
     panels: dict[tuple, list[RunResult]] = {}
     for run in usable:
         panels.setdefault(tuple(run.config.get(k) for k in extra), []).append(run)
-    order = sorted(panels, key=lambda v: [sort_value(k, x) for k, x in zip(extra, v, strict=True)])
+    order = list(panels)  # in sweep order (find_runs): the first run's setting first
     placements = sorted(
         {r.placement for r in usable}, key=lambda p: sort_value("model.ln_placement", p)
     )
