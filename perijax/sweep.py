@@ -564,8 +564,8 @@ def _fmt_loss(status: dict[str, Any]) -> str:
     final = status.get("final", {})
     parts = []
     for key, label in (("train/loss", "loss"), ("eval/loss", "eval")):
-        if key in final:
-            parts.append(f"{label} {final[key]:.4f}")
+        if key in final:  # status.json writes non-finite values as "nan", "inf"
+            parts.append(f"{label} {float(final[key]):.4f}")
     return "  ".join(parts)
 
 

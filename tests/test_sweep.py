@@ -307,6 +307,10 @@ def test_diverging_run_is_recorded_with_its_step(tmp_path):
     assert status["final"]["train/loss"] == "nan"  # strict JSON: the metrics.jsonl convention
     assert f"[1/1] lr=1000000.0  diverged at step {first_nan}" in "\n".join(lines)
     assert rows[-1]["train/loss"] == "nan"
+    # Rerun: the diverged run is skipped, its line read back from status.json.
+    lines = []
+    assert sweep.run_sweep(sweep.load_sweep(file), root, out=lines.append) == 0
+    assert f"[1/1] lr=1000000.0  skip: diverged at step {first_nan}  loss nan" in "\n".join(lines)
 
 
 @pytest.fixture(scope="module")
