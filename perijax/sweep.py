@@ -542,6 +542,11 @@ def _load_all_data(
     return data
 
 
+def _unfinished(configs: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The configs of the runs that will train (not done or diverged): only their data loads."""
+    return {name: cfg for name, cfg in configs.items() if run_state(root / name) not in FINISHED}
+
+
 def _data_key(cfg: Any) -> tuple:
     d = cfg.data
     return (d.source, d.path, cfg.model.vocab_size, d.cache_dir, d.val_fraction, cfg.train.seed)
@@ -597,7 +602,7 @@ def run_sweep(
     root = Path(root)
     runs = select(sweep.runs(), only, allow_none=sweep.refine is not None)
     configs = _prepare(sweep, root, runs)
-    data = _load_all_data(configs, log=lambda s: out(f"data: {s}"))
+    data = _load_all_data(_unfinished(configs, root), log=lambda s: out(f"data: {s}"))
     try:
         root.mkdir(parents=True, exist_ok=True)
         _write_json(root / SWEEP_FILE, sweep_record(sweep, sweep.runs()))
@@ -617,7 +622,8 @@ def run_sweep(
             _write_json(root / SWEEP_FILE, sweep_record(sweep, sweep.runs() + more))
         more = select(more, only, allow_none=True)
         configs = _prepare(sweep, root, more)
-        data.update(_load_all_data(configs, log=lambda s: out(f"data: {s}"), have=data))
+        unfinished = _unfinished(configs, root)
+        data.update(_load_all_data(unfinished, log=lambda s: out(f"data: {s}"), have=data))
         failed_more = _run_each(sweep, root, more, configs, data, out=out, verbose=verbose)
         if isinstance(failed_more, _Stopped):
             return failed_more.code

@@ -286,7 +286,7 @@ def test_runs_finished_from_emitted_commands_are_recognized(tmp_path, monkeypatc
 
 
 # -------------------------------------------------------------------------- real tiny training
-def test_diverging_run_is_recorded_with_its_step(tmp_path):
+def test_diverging_run_is_recorded_with_its_step(tmp_path, monkeypatch):
     """lr=1e6 without the guard: the step-2 update blows the weights up (parameter norm ~1e8),
     the loss turns nan within a step or two (which one depends on where float32 overflows first)
     and the trainer raises TrainingDiverged; the sweep records that step and exits 0."""
@@ -307,10 +307,16 @@ def test_diverging_run_is_recorded_with_its_step(tmp_path):
     assert status["final"]["train/loss"] == "nan"  # strict JSON: the metrics.jsonl convention
     assert f"[1/1] lr=1000000.0  diverged at step {first_nan}" in "\n".join(lines)
     assert rows[-1]["train/loss"] == "nan"
-    # Rerun: the diverged run is skipped, its line read back from status.json.
+    # Rerun: the diverged run is skipped, its line read back from status.json; with nothing
+    # to train no data is loaded.
+    from perijax import train as train_lib
+
+    loads = []
+    monkeypatch.setattr(train_lib, "load_data", lambda *a, **k: loads.append(a))
     lines = []
     assert sweep.run_sweep(sweep.load_sweep(file), root, out=lines.append) == 0
     assert f"[1/1] lr=1000000.0  skip: diverged at step {first_nan}  loss nan" in "\n".join(lines)
+    assert loads == []
 
 
 @pytest.fixture(scope="module")
