@@ -9,9 +9,10 @@ data and budget are those of `ln_placement_small.py` (12 layers, d_model 128, 2.
 - float32: pre, post, peri x 10 peak learning rates from 3e-5 to 1 (half-decade steps), seed 0.
   The shipped sweep's lowest rate (3e-3) was the best one for Pre-LN and Peri-LN, so its
   optimum was never bracketed; its highest (0.1) diverged nothing.
-- float16 (`model.dtype=float16`, dynamic loss scaling): the same placements from 1e-3 to 1,
-  where activations past 65,504 overflow; below 1e-3 float16 tracks float32 (a trial at 1e-4
-  gave the same eval loss to 4 digits).
+- float16 (`model.dtype=float16`, dynamic loss scaling): the same placements from 3e-4 to 1,
+  where activations past 65,504 overflow; lower, float16 tracks float32 (a trial at 1e-4 gave
+  the same eval loss to 4 digits). 3e-4 brackets the float16 optimum of Pre-LN and Post-LN
+  (1e-3).
 - refine: once the grid has finished, seeds 1-4 at the learning rate with the lowest final eval
   loss among the stable runs of each placement and dtype, so that rate has 5 seeds
   (docs/experiments.md).
@@ -21,7 +22,7 @@ import importlib.util
 from pathlib import Path
 
 _LRS_FLOAT32 = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
-_LRS_FLOAT16 = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+_LRS_FLOAT16 = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 
 
 def _small_sweep() -> dict:
