@@ -19,15 +19,17 @@ from perijax.report import (
     FP16_MAX,
     GAMMA_NAMES,
     GRAD_NORM_LAYER,
-    RunResult,
     group_keys,
+    sort_value,
+)
+from perijax.runlog import (
+    RunResult,
     is_finite,
     is_stable,
     layer_values,
     max_abs_series,
     rows_with,
     series,
-    sort_value,
 )
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from perijax import config as config_lib
-from perijax import report as report_lib
+from perijax import runlog
 from perijax.commandline import fail
 from perijax.config import TRACKING_KEYS, ConfigError
 from perijax.launchers.common import LaunchError
@@ -288,8 +288,8 @@ def refine_runs(sweep: Sweep, root: Path) -> tuple[list[Run] | None, list[str]]:
     for run in grid_runs:
         scores = settings.setdefault(tuple(value_text(run.values[k]) for k in fixed), {})
         values = scores.setdefault(run.values[refine.best], [])
-        result = report_lib.load_run(root / run.name)
-        if report_lib.is_stable(result):
+        result = runlog.load_run(root / run.name)
+        if runlog.is_stable(result):
             value = result.final(refine.metric)
             if value is not None and math.isfinite(value):
                 values.append(value)
@@ -355,7 +355,7 @@ def run_state(run_dir: Path) -> str:
     status = read_status(run_dir)
     if status is not None:
         return str(status.get("state", "failed"))
-    return report_lib.load_run(run_dir).state if run_dir.is_dir() else "pending"
+    return runlog.load_run(run_dir).state if run_dir.is_dir() else "pending"
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
@@ -406,7 +406,7 @@ def check_existing(root: Path, runs: Sequence[Run], configs: dict[str, Any]) -> 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     """Writes atomically (a killed sweep never leaves half a status file)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report_lib.jsonable(payload), indent=2) + "\n")
+    tmp.write_text(json.dumps(runlog.jsonable(payload), indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -444,13 +444,13 @@ def outcome(
     run can finish with every late step skipped). The step is the first logged non-finite train
     loss, else the step named in the trainer's message, else the last logged step.
     """
-    final = report_lib.final_metrics(rows)
+    final = runlog.final_metrics(rows)
     losses = [final.get("train/loss"), final.get("eval/loss")]
     nonfinite = any(v is not None and not math.isfinite(v) for v in losses)
     state, at = "done", None
     if diverged_error is not None or (error is None and nonfinite):
         state = "diverged"
-        at = report_lib.first_nonfinite_step(rows)
+        at = runlog.first_nonfinite_step(rows)
         match = _STEP_IN_MESSAGE.search(diverged_error or "")
         if at is None and match:
             at = int(match.group(1))
@@ -688,7 +688,7 @@ def _run_each(
         if states[run.name] in FINISHED:
             status = read_status(run_dir)
             if status is None:  # finished elsewhere: record it as the sweep would have
-                status = outcome(report_lib.read_metrics(run_dir / "metrics.jsonl"))
+                status = outcome(runlog.read_metrics(run_dir / "metrics.jsonl"))
                 status.update(inferred=True, overrides=dict(run.overrides))
                 _write_json(run_dir / STATUS_FILE, status)
             out(f"{tag}  skip: {_end_line(status)}")
@@ -722,7 +722,7 @@ def _run_each(
                 error = _one_line(e)
                 log(f"error: {error}")
         seconds = time.perf_counter() - t0
-        rows = report_lib.read_metrics(run_dir / "metrics.jsonl")
+        rows = runlog.read_metrics(run_dir / "metrics.jsonl")
         status = outcome(rows, diverged_error=diverged_error, error=error, seconds=seconds)
         status["overrides"] = dict(run.overrides)
         _write_json(run_dir / STATUS_FILE, status)

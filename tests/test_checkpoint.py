@@ -297,7 +297,7 @@ def test_refused_relaunch_leaves_every_file_of_the_workdir_byte_identical(tmp_pa
 
 
 def test_resume_with_changed_settings_keeps_the_first_config_and_a_history(tmp_path):
-    from perijax import report
+    from perijax import runlog
 
     train_lib.train(config(), tmp_path, log=stop_at(2))  # stops at step 3
     first = (tmp_path / "config.json").read_bytes()
@@ -313,6 +313,6 @@ def test_resume_with_changed_settings_keeps_the_first_config_and_a_history(tmp_p
     }
     assert history[1]["changed"] == {"train.total_steps": [8, 10]}
     assert history[1]["config"]["optim"]["lr"] == 0.001
-    run = report.load_run(tmp_path)  # report (and sweep) read the run as before
+    run = runlog.load_run(tmp_path)  # report (and sweep) read the run as before
     assert run.config["model.ln_placement"] == "peri"
     assert max(r["step"] for r in run.rows) == 10

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perijax import report, report_figures
+from perijax import report, report_figures, runlog
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = 4
@@ -182,12 +182,12 @@ def test_figures_pick_the_largest_lr_where_every_placement_trains(tmp_path):
         write_run(root, "peri", 0.01, seed)
         write_run(root, "pre", 0.001, seed)
         write_run(root, "peri", 0.001, seed)
-    reps = report_figures.representatives(report.find_runs(root))
+    reps = report_figures.representatives(runlog.find_runs(root))
     assert {p: r.name for p, r in reps.items()} == {
         "pre": "ln_placement=pre,lr=0.001,seed=0",
         "peri": "ln_placement=peri,lr=0.001,seed=0",
     }
-    reps = report_figures.representatives(report.find_runs(root), lr=0.01)
+    reps = report_figures.representatives(runlog.find_runs(root), lr=0.01)
     assert reps["pre"].state == "diverged" and reps["peri"].lr == 0.01
 
 
@@ -220,7 +220,7 @@ def test_one_run_folder_and_resumed_rows(tmp_path):
         f.write(json.dumps({"step": 15, "train/loss": 1.5}) + "\n")
         f.write(json.dumps({"step": 20, "train/loss": 1.25}) + "\n")
         f.write('{"step": 20, "train/lo')  # torn last line of a killed run
-    rows = report.read_metrics(run / "metrics.jsonl")
+    rows = runlog.read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == STEPS
     assert [r["train/loss"] for r in rows][2:] == [9.0, 1.5, 1.25]
     assert "eval/loss" not in rows[-1] and "eval/loss" in rows[2]  # redone stretch dropped
@@ -278,7 +278,7 @@ def test_stability_table_finds_the_edge_and_the_best_rate(sweep_root, tmp_path):
     out = tmp_path / "out"
     lines = []
     report.report(sweep_root, out, figures=False, log=lines.append)
-    rows = report.stability_table(report.find_runs(sweep_root))
+    rows = report.stability_table(runlog.find_runs(sweep_root))
     pre, peri = rows
     assert pre["keys"] == {"model.ln_placement": "pre"} and pre["lrs"] == [0.001, 0.01]
     assert (pre["largest_stable"], pre["smallest_unstable"]) == (0.001, 0.01)
@@ -318,12 +318,12 @@ def test_a_run_worse_than_its_initialization_is_unstable(tmp_path):
         if row["step"] == 15 and "train/loss" in row:
             row["train/loss"] = 1.1 * start + 0.01
     blown.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = report.load_run(blown.parent)
-    assert report.initial_loss(run) == start and report.blew_up_at(run) == 15
-    assert report.is_stable(run) is False and run.state == "done"
+    run = runlog.load_run(blown.parent)
+    assert runlog.initial_loss(run) == start and runlog.blew_up_at(run) == 15
+    assert runlog.is_stable(run) is False and run.state == "done"
     lines = []
     report.report(root, tmp_path / "out", figures=False, log=lines.append)
-    (row,) = report.stability_table(report.find_runs(root))
+    (row,) = report.stability_table(runlog.find_runs(root))
     assert (row["largest_stable"], row["smallest_unstable"], row["best_lr"]) == (0.003, 0.01, 0.001)
     assert (
         f"blew up: ln_placement=peri,lr=0.01,seed=0 at step 15 (train loss above 1.1 x {start:.4f}"
@@ -335,9 +335,9 @@ def test_a_run_worse_than_its_initialization_is_unstable(tmp_path):
     assert by_name["ln_placement=peri,lr=0.001,seed=0"]["blew_up_at_step"] == ""
     # Without a step-0 eval the loss at initialization is ln(vocab size).
     run.rows = [r for r in run.rows if r["step"] > 0]
-    assert report.initial_loss(run) is None
+    assert runlog.initial_loss(run) is None
     run.config["model.vocab_size"] = 512
-    assert report.initial_loss(run) == pytest.approx(math.log(512))
+    assert runlog.initial_loss(run) == pytest.approx(math.log(512))
 
 
 def test_an_interior_optimum_and_other_keys_split_the_table_and_the_panels(tmp_path, monkeypatch):
@@ -360,7 +360,7 @@ def test_an_interior_optimum_and_other_keys_split_the_table_and_the_panels(tmp_p
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[-1]["eval/loss"] = 1.0
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    runs = report.find_runs(root)
+    runs = runlog.find_runs(root)
     table = report.stability_table(runs)
     assert [tuple(r["keys"].values()) for r in table] == [
         ("pre", "float16"),
@@ -412,7 +412,7 @@ def test_the_best_rate_is_chosen_on_the_seeds_every_rate_has(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[-1]["eval/loss"] = 2.7  # ... now 2.7: seed 0 prefers 0.003, the 5-seed mean does not
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    runs = report.find_runs(root)
+    runs = runlog.find_runs(root)
     evals = [r.final("eval/loss") for r in runs if r.lr == 0.003]
     assert statistics.fmean(evals) > final_loss("peri", 0.001, 0) + 0.1  # the trap
     (row,) = report.stability_table(runs)

@@ -1,0 +1,266 @@
+"""What a run left behind, read back: `metrics.jsonl` (resumed and rolled-back runs included),
+`status.json` (or the state inferred without it), `config.json`, and whether the run was stable.
+`perijax report`, its figures and `perijax sweep` read runs through this module; it needs no
+JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from perijax.config import flat_dict
+
+
+# ------------------------------------------------------------------------------ metric files
+def _number(value: Any) -> Any:
+    """metrics.jsonl writes non-finite floats as the strings "nan", "inf", "-inf"."""
+    if isinstance(value, str) and value.lower() in ("nan", "inf", "-inf", "+inf", "infinity"):
+        return float(value)
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl as one merged row per step, in step order.
+
+    A resumed or rolled-back run continues from an earlier step, so its file goes back in time:
+    the later rows win. When a row's step is below one already seen, the rows after that step
+    are dropped (that stretch of training was redone); rows of the same step (train and eval)
+    are merged, later values winning. A missing file gives [] and a torn last line is ignored.
+    """
+    merged: dict[int, dict[str, Any]] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    last = -1
+    for line in lines:
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+        if step < last:  # rare (a resume or rollback): only then look for rows to drop
+            for later in [s for s in merged if s > step]:
+                del merged[later]
+        last = step
+        merged.setdefault(step, {"step": step}).update(
+            {k: _number(v) for k, v in row.items() if k != "step"}
+        )
+    return [merged[s] for s in sorted(merged)]
+
+
+def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` over the rows that have it."""
+    pairs = [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def final_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The last value of each train/, eval/, guard/ and spikes/ metric and of stability/max_abs,
+    with the last step."""
+    final: dict[str, Any] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key == "step" or key.startswith(("train/", "eval/", "guard/", "spikes/")):
+                final[key] = value
+            elif key == "stability/max_abs":
+                final[key] = value
+    return final
+
+
+def first_nonfinite_step(rows: Sequence[dict[str, Any]], key: str = "train/loss") -> int | None:
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            return int(row["step"])
+    return None
+
+
+def jsonable(value: Any) -> Any:
+    """Replaces non-finite floats by "nan"/"inf"/"-inf" (the metrics.jsonl convention), so the
+    output is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# ------------------------------------------------------------------------------------- runs
+@dataclasses.dataclass
+class RunResult:
+    """What a run left behind, read back."""
+
+    path: Path
+    name: str
+    config: dict[str, Any]  # flattened config.json: {"model.ln_placement": "peri", ...}
+    status: dict[str, Any]  # status.json, or inferred from the metrics
+    rows: list[dict[str, Any]]
+
+    @property
+    def state(self) -> str:
+        return str(self.status.get("state", "started"))
+
+    @property
+    def placement(self) -> str:
+        return str(self.config.get("model.ln_placement", "?"))
+
+    @property
+    def lr(self) -> float | None:
+        lr = self.config.get("optim.lr")
+        return float(lr) if lr is not None else None
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("train.seed", 0))
+
+    def final(self, key: str) -> float | None:
+        value = final_metrics(self.rows).get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+
+def infer_status(config: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The state of a run without status.json (e.g. launched from `perijax sweep --emit`
+    commands): diverged if its last train or eval loss is not finite, done if it reached
+    train.total_steps, else started (still running, or stopped early)."""
+    final = final_metrics(rows)
+    status: dict[str, Any] = {"diverged_at_step": None, "final": final}
+    losses = [final.get("train/loss"), final.get("eval/loss")]
+    total = config.get("train.total_steps")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in losses):
+        status["state"] = "diverged"
+        status["diverged_at_step"] = first_nonfinite_step(rows)
+    elif rows and total is not None and rows[-1]["step"] >= total:
+        status["state"] = "done"
+    else:
+        status["state"] = "started" if rows or config else "pending"
+    status["inferred"] = True
+    return status
+
+
+def load_run(path: Path) -> RunResult:
+    def read(name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    config = flat_dict(read("config.json") or {})
+    rows = read_metrics(path / "metrics.jsonl")
+    status = read("status.json")
+    if not config and status and status.get("overrides"):
+        # Failed before the trainer wrote config.json: the sweep's record still names its
+        # placement, lr and seed (as command-line text).
+        given = status["overrides"]
+        for key, kind in (("model.ln_placement", str), ("optim.lr", float), ("train.seed", int)):
+            if key in given:
+                config[key] = kind(given[key])
+    if status is None:
+        status = infer_status(config, rows)
+    return RunResult(path, path.name, config, status, rows)
+
+
+def find_runs(directory: str | Path) -> list[RunResult]:
+    """One run (a folder with metrics.jsonl or status.json) or every run folder in a sweep
+    root, in the sweep's order when ROOT/sweep.json lists it."""
+    directory = Path(directory)
+    marks = ("metrics.jsonl", "status.json", "config.json")
+    if any((directory / m).exists() for m in marks):
+        return [load_run(directory)]
+    found = (
+        sorted(
+            p for p in directory.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)
+        )
+        if directory.is_dir()
+        else []
+    )
+    order = {name: i for i, name in enumerate(sweep_run_names(directory))}
+    found.sort(key=lambda p: (order.get(p.name, len(order)), p.name))
+    return [load_run(p) for p in found]
+
+
+def sweep_run_names(directory: Path) -> list[str]:
+    try:
+        record = json.loads((directory / "sweep.json").read_text())
+        return [r["name"] for r in record.get("runs", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+# ---------------------------------------------------------------------------------- stability
+# A run is unstable if it diverged (a non-finite loss; the trainer marks it "diverged") or blew
+# up: a train loss logged after step 0 rose above BLOWUP_FACTOR x its loss at initialization, so
+# training made the model worse than the random one it started from. A blown-up run often
+# settles at a finite, poor loss (e.g. the unigram entropy) and would pass a NaN-only test.
+BLOWUP_FACTOR = 1.1
+
+
+def initial_loss(run: RunResult) -> float | None:
+    """The run's loss at initialization: its step-0 eval loss, else ln(vocab size) (the loss of
+    a uniform prediction), else None."""
+    for row in run.rows:
+        if row["step"] == 0 and is_finite(row.get("eval/loss")):
+            return float(row["eval/loss"])
+    vocab = run.config.get("model.vocab_size")
+    return math.log(vocab) if isinstance(vocab, int) and vocab > 1 else None
+
+
+def blew_up_at(run: RunResult) -> int | None:
+    """The first step after 0 whose finite train loss exceeds BLOWUP_FACTOR x the loss at
+    initialization; None if none does or the initial loss is unknown."""
+    start = initial_loss(run)
+    if start is None:
+        return None
+    for step, loss in zip(*series(run.rows, "train/loss"), strict=True):
+        if step > 0 and math.isfinite(loss) and loss > BLOWUP_FACTOR * start:
+            return step
+    return None
+
+
+def is_stable(run: RunResult) -> bool | None:
+    """True: finished without diverging or blowing up; False: diverged or blew up; None: did
+    not finish (still running, stopped early, failed)."""
+    if run.state == "diverged":
+        return False
+    if run.state != "done":
+        return None
+    return blew_up_at(run) is None
+
+
+def max_abs_series(run: RunResult) -> tuple[list[int], list[float]]:
+    steps, values = series(run.rows, "stability/max_abs")
+    if steps:
+        return steps, values
+    pattern = re.compile(r"^stability/max_abs/\d+/(attn|mlp)$")
+    steps, values = [], []
+    for row in run.rows:
+        layer_values = [float(v) for k, v in row.items() if pattern.match(k) and is_finite(v)]
+        if layer_values:
+            steps.append(row["step"])
+            values.append(max(layer_values))
+    return steps, values
+
+
+def layer_values(row: dict[str, Any], pattern: re.Pattern) -> dict[int, float]:
+    out = {}
+    for key, value in row.items():
+        m = pattern.match(key)
+        if m and isinstance(value, (int, float)):
+            out[int(m.group(1))] = float(value)
+    return out
+
+
+def rows_with(run: RunResult, pattern: re.Pattern) -> list[dict[str, Any]]:
+    return [r for r in run.rows if any(pattern.match(k) for k in r)]
