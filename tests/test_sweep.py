@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from perijax import cli, commandline, sweep
+from perijax import cli, commandline, sweep, sweep_grid
 from perijax import config as config_lib
 from perijax import train as train_lib
 from perijax.config import to_dict
@@ -41,7 +41,7 @@ def sweep_cli(*argv: str, capsys=None) -> tuple[int, str, str]:
 
 def write_sweep(path: Path, grid: dict, **overrides) -> str:
     """A sweep file over the smoke sweep's tiny synthetic base."""
-    base = sweep.load_sweep(SMOKE)
+    base = sweep_grid.load_sweep(SMOKE)
     fixed = {k: v for k, v in {**base.overrides, **overrides}.items() if k not in grid}
     path.write_text(
         f"def get_sweep():\n    return {{'base': {base.base!r}, 'overrides': {fixed!r}, "
@@ -56,7 +56,7 @@ def rows_of(workdir: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------- grid, no training
 def test_grid_expands_in_order_with_readable_stable_names():
-    s = sweep.load_sweep(SMOKE)
+    s = sweep_grid.load_sweep(SMOKE)
     runs = s.runs()
     assert [r.name for r in runs] == SMOKE_NAMES
     assert [r.index for r in runs] == [0, 1, 2, 3]
@@ -67,11 +67,11 @@ def test_grid_expands_in_order_with_readable_stable_names():
         ("optim.lr", "0.01"),
         ("train.seed", "0"),
     )
-    assert sweep.run_name({"optim.lr": 1e-5, "data.cache_dir": "/a b"}) == (
+    assert sweep_grid.run_name({"optim.lr": 1e-5, "data.cache_dir": "/a b"}) == (
         "lr=1e-05,cache_dir=_a_b"
     )
     # Keys that share a last part keep their section, so names stay distinct.
-    assert sweep.run_name({"a.x": 1, "b.x": 2}) == "a.x=1,b.x=2"
+    assert sweep_grid.run_name({"a.x": 1, "b.x": 2}) == "a.x=1,b.x=2"
 
 
 @pytest.mark.parametrize(
@@ -79,22 +79,22 @@ def test_grid_expands_in_order_with_readable_stable_names():
     sorted(p.name for p in (ROOT / "configs" / "sweeps").glob("*.py") if p.stem != "__init__"),
 )
 def test_every_shipped_sweep_builds_valid_configs(name):
-    s = sweep.load_sweep(str(ROOT / "configs" / "sweeps" / name))
+    s = sweep_grid.load_sweep(str(ROOT / "configs" / "sweeps" / name))
     runs = s.runs()
-    configs = sweep.build_configs(s, runs)
+    configs = sweep_grid.build_configs(s, runs)
     assert len(configs) == len(runs) == sum(math.prod(map(len, g.values())) for g in s.grids)
     placements = {c.model.ln_placement for c in configs.values()}
     assert placements <= {"pre", "post", "peri", "output"} and len(placements) >= 2
 
 
 def test_the_reproduction_sweep_is_the_documented_grid():
-    s = sweep.load_sweep(str(ROOT / "configs" / "sweeps" / "ln_placement_small.py"))
+    s = sweep_grid.load_sweep(str(ROOT / "configs" / "sweeps" / "ln_placement_small.py"))
     assert s.grid == {
         "model.ln_placement": ["pre", "post", "peri", "output"],
         "optim.lr": [3e-3, 1e-2, 3e-2, 1e-1],
         "train.seed": [0, 1, 2],
     }
-    cfg = sweep.build_configs(s, s.runs()[:1])[s.runs()[0].name]
+    cfg = sweep_grid.build_configs(s, s.runs()[:1])[s.runs()[0].name]
     assert (cfg.model.num_layers, cfg.model.d_model, cfg.data.source) == (12, 128, "stdlib")
 
 
@@ -108,7 +108,7 @@ def test_nested_grid_and_configdict_sweeps_are_accepted(tmp_path):
         "    s.grid = {'optim': {'lr': [0.1, 0.2]}, 'train': {'seed': [0, 1]}}\n"
         "    return s\n"
     )
-    s = sweep.load_sweep(str(file))
+    s = sweep_grid.load_sweep(str(file))
     assert s.name == "nested"
     assert [r.name for r in s.runs()] == [
         "lr=0.1,seed=0",
@@ -154,8 +154,8 @@ def test_command_line_override_of_a_swept_key_is_refused(tmp_path, capsys):
 
 def test_emitted_commands_rebuild_each_runs_config(tmp_path, capsys):
     root = tmp_path / "runs"
-    s = sweep.load_sweep(SMOKE, [("train.total_steps", "7")])
-    configs = sweep.build_configs(s, s.runs())
+    s = sweep_grid.load_sweep(SMOKE, [("train.total_steps", "7")])
+    configs = sweep_grid.build_configs(s, s.runs())
     # A finished run is not emitted again.
     (root / SMOKE_NAMES[1]).mkdir(parents=True)
     (root / SMOKE_NAMES[1] / "status.json").write_text('{"state": "diverged"}')
@@ -227,14 +227,14 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(train_lib, "train", fake_train)
     lines = []
     root = tmp_path / "root"
-    assert sweep.run_sweep(sweep.load_sweep(SMOKE), root, out=lines.append) == 1
+    assert sweep.run_sweep(sweep_grid.load_sweep(SMOKE), root, out=lines.append) == 1
     first = json.loads((root / SMOKE_NAMES[0] / "status.json").read_text())
     assert first["state"] == "failed" and first["error"] == "RuntimeError: out of memory"
     assert "[1/4] ln_placement=pre,lr=0.001,seed=0  failed: RuntimeError: out of memory" in (
         "\n".join(lines)
     )
     assert calls == SMOKE_NAMES
-    assert sweep.run_sweep(sweep.load_sweep(SMOKE), root, out=lines.append) == 0
+    assert sweep.run_sweep(sweep_grid.load_sweep(SMOKE), root, out=lines.append) == 0
     assert calls == [*SMOKE_NAMES, SMOKE_NAMES[0]]
 
 
@@ -243,7 +243,7 @@ def test_runs_finished_from_emitted_commands_are_recognized(tmp_path, monkeypatc
     train.total_steps counts as done (not emitted again, recorded by the next sweep, not
     retrained); one with a non-finite final loss as diverged; a partial one is resumed."""
     root = tmp_path / "root"
-    s = sweep.load_sweep(SMOKE)
+    s = sweep_grid.load_sweep(SMOKE)
     for name, rows in (
         (SMOKE_NAMES[0], [{"step": 6, "train/loss": 4.0}, {"step": 6, "eval/loss": 4.1}]),
         (SMOKE_NAMES[1], [{"step": 2, "train/loss": 4.0}, {"step": 3, "train/loss": "nan"}]),
@@ -251,7 +251,7 @@ def test_runs_finished_from_emitted_commands_are_recognized(tmp_path, monkeypatc
     ):
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text(
-            json.dumps(to_dict(sweep.build_configs(s, s.runs())[name]))
+            json.dumps(to_dict(sweep_grid.build_configs(s, s.runs())[name]))
         )
         (root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, _ = sweep_cli(
@@ -295,7 +295,7 @@ def test_diverging_run_is_recorded_with_its_step(tmp_path, monkeypatch):
     )
     root = tmp_path / "root"
     lines = []
-    assert sweep.run_sweep(sweep.load_sweep(file), root, out=lines.append) == 0
+    assert sweep.run_sweep(sweep_grid.load_sweep(file), root, out=lines.append) == 0
     rows = [r for r in rows_of(root / "lr=1000000.0") if "train/loss" in r]
     first_nan = next(r["step"] for r in rows if r["train/loss"] == "nan")
     assert 3 <= first_nan <= 5
@@ -314,7 +314,7 @@ def test_diverging_run_is_recorded_with_its_step(tmp_path, monkeypatch):
     loads = []
     monkeypatch.setattr(train_lib, "load_data", lambda *a, **k: loads.append(a))
     lines = []
-    assert sweep.run_sweep(sweep.load_sweep(file), root, out=lines.append) == 0
+    assert sweep.run_sweep(sweep_grid.load_sweep(file), root, out=lines.append) == 0
     assert f"[1/1] lr=1000000.0  skip: diverged at step {first_nan}  loss nan" in "\n".join(lines)
     assert loads == []
 
@@ -346,7 +346,7 @@ def smoke_root(tmp_path_factory):
             calls.append([])
             printed.append([])
             stop_in["name"] = stop
-            s = sweep.load_sweep(SMOKE)
+            s = sweep_grid.load_sweep(SMOKE)
             only = [only] if only else []
             codes.append(sweep.run_sweep(s, root, only=only, out=printed[-1].append))
             status = {n: root / n / "status.json" for n in SMOKE_NAMES}
@@ -459,14 +459,14 @@ def test_a_list_of_grids_is_their_union_in_order(tmp_path):
         "{'model.dtype': ['float32'], 'optim.lr': [0.1, 0.2]},"
         "{'model.dtype': ['float16'], 'optim.lr': [0.2]}]}",
     )
-    s = sweep.load_sweep(file)
+    s = sweep_grid.load_sweep(file)
     assert [(r.index, r.name) for r in s.runs()] == [
         (0, "dtype=float32,lr=0.1"),
         (1, "dtype=float32,lr=0.2"),
         (2, "dtype=float16,lr=0.2"),
     ]
     assert s.grid == {"model.dtype": ["float32", "float16"], "optim.lr": [0.1, 0.2]}
-    configs = sweep.build_configs(s, s.runs())
+    configs = sweep_grid.build_configs(s, s.runs())
     assert configs["dtype=float16,lr=0.2"].model.dtype == "float16"
 
 
@@ -484,7 +484,7 @@ def test_a_list_of_grids_is_their_union_in_order(tmp_path):
 def test_bad_grid_lists_are_one_line_errors(tmp_path, body, message):
     file = _sweep_file(tmp_path / "bad.py", f"{{'base': 'configs/tiny.py', 'grid': {body}}}")
     with pytest.raises(sweep.ConfigError, match=re.escape(message)):
-        sweep.load_sweep(file)
+        sweep_grid.load_sweep(file)
 
 
 @pytest.mark.parametrize(
@@ -504,7 +504,7 @@ def test_bad_refine_is_a_one_line_error(tmp_path, refine, message):
         f"'refine': {refine}}}",
     )
     with pytest.raises(sweep.ConfigError, match=re.escape(message)):
-        sweep.load_sweep(file)
+        sweep_grid.load_sweep(file)
 
 
 def _finish(run_dir: Path, state: str, eval_loss: float) -> None:
@@ -526,7 +526,7 @@ def test_refine_adds_runs_at_each_settings_best_value(tmp_path):
         "'optim.lr': [0.001, 0.01, 0.1], 'train.seed': [0]}, "
         "'refine': {'best': 'optim.lr', 'grid': {'train.seed': [0, 1, 2]}}}",
     )
-    s = sweep.load_sweep(file)
+    s = sweep_grid.load_sweep(file)
     root = tmp_path / "root"
     losses = {  # placement -> lr -> (state, eval loss)
         # pre at 0.1 has the lowest loss but blew up on the way: unstable, never the best.
