@@ -55,7 +55,7 @@ def eval_sums(
     `eod_id`: document masking, as the run was trained (`train.document_eod`)."""
     from flax import nnx
 
-    from perijax.train import segment_ids
+    from perijax.step import segment_ids
 
     model = nnx.merge(graphdef, params)
     inputs = tokens[:, :-1]

@@ -188,7 +188,7 @@ def write_checkpoint(cfg: Config, params: nnx.State, workdir: str | Path, step: 
     Raises:
       ConfigError: `workdir` already holds checkpoints.
     """
-    from perijax.train import create_state
+    from perijax.step import create_state
 
     workdir = Path(workdir)
     folder = workdir / "checkpoints"

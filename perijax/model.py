@@ -27,6 +27,7 @@ from perijax import tuning
 from perijax.config import ModelConfig
 from perijax.norms import NORM_ROLES, Norm, residual
 from perijax.sharding import constrain
+from perijax.telemetry import stream_stats
 
 __all__ = ["ModelConfig", "Transformer", "Block", "Attention", "Mlp", "count_params"]
 
@@ -275,9 +276,6 @@ class Block(nnx.Module):
         return (x, stats) if collect_stats else x
 
 
-FP16_MAX = 65504.0
-
-
 class LayerCache(NamedTuple):
     """One layer's view of the KV cache during decoding (S cache slots).
 
@@ -310,22 +308,6 @@ def _tap(f, taps: dict, name: str):
         return taps[name]
 
     return tapped
-
-
-def stream_stats(stream: jax.Array, added: jax.Array) -> dict[str, jax.Array]:
-    """Scalar float32 telemetry of the residual stream after a sublayer and of what the
-    sublayer added: per-token variance over d_model (averaged), RMS, max |h|, the fraction of
-    entries beyond the float16 maximum, and the RMS of the added tensor."""
-    h = stream.astype(jnp.float32)
-    a = added.astype(jnp.float32)
-    centered = h - jnp.mean(h, axis=-1, keepdims=True)
-    return {
-        "resid_var": jnp.mean(jnp.square(centered)),
-        "resid_rms": jnp.sqrt(jnp.mean(jnp.square(h))),
-        "max_abs": jnp.max(jnp.abs(h)),
-        "frac_over_fp16": jnp.mean((jnp.abs(h) > FP16_MAX).astype(jnp.float32)),
-        "sublayer_rms": jnp.sqrt(jnp.mean(jnp.square(a))),
-    }
 
 
 REMAT_POLICIES = {

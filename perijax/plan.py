@@ -70,6 +70,7 @@ def plan(cfg, accelerator: str) -> dict:
     from flax import nnx
 
     from perijax import sharding as sharding_lib
+    from perijax import step as step_lib
     from perijax import train as train_lib
     from perijax import tuning
     from perijax.attention import resolve
@@ -102,7 +103,7 @@ def plan(cfg, accelerator: str) -> dict:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss_chunk_len=chunk))
 
     t0 = time.perf_counter()
-    abstract = jax.eval_shape(lambda: train_lib.create_state(cfg))
+    abstract = jax.eval_shape(lambda: step_lib.create_state(cfg))
     shardings = train_lib.state_shardings(cfg, mesh)
     # Document masking: any id serves, the compiled step's shapes do not depend on it.
     eod_id = 0 if cfg.data.document_masking else None

@@ -15,6 +15,7 @@ import pytest
 from perijax import checkpoint as checkpoint_lib
 from perijax import cli
 from perijax import config as config_lib
+from perijax import step as step_lib
 from perijax import train as train_lib
 from perijax.config import ConfigError
 from perijax.metrics import global_norm
@@ -47,9 +48,7 @@ def save_and_restore(directory: Path, cfg, mesh, state):
     ckpt = checkpoint_lib.Checkpointer(directory, cfg.checkpoint)
     ckpt.save(1, state, None, {})
     ckpt.wait()
-    restored, _, _ = ckpt.restore(
-        1, train_lib.abstract_state(cfg, mesh), train_lib.added_state(cfg)
-    )
+    restored, _, _ = ckpt.restore(1, train_lib.abstract_state(cfg, mesh), step_lib.added_state(cfg))
     ckpt.close()
     return restored
 
@@ -64,14 +63,14 @@ def host(tree):
 
 @pytest.fixture(scope="module")
 def step():
-    return jax.jit(train_lib.train_step)
+    return jax.jit(step_lib.train_step)
 
 
 def test_overflow_halves_the_scale_and_leaves_the_state_untouched(step):
     """At a scale of 2**40 the scaled float16 gradients overflow while the forward loss is
     finite: nothing is applied, the scale halves, and no bad step is counted. Overflows repeat
     (many more than max_consecutive_bad_steps=5) until the scale fits, without a rollback."""
-    state = train_lib.create_state(config()).replace(loss_scale=jnp.float32(2.0**40))
+    state = step_lib.create_state(config()).replace(loss_scale=jnp.float32(2.0**40))
     params, opt_state = host(state.params), host(state.opt_state)
     state, m = step(state, batch(0))
     assert np.isfinite(m["train/loss"]) and not np.isfinite(m["train/grad_norm"])
@@ -99,7 +98,7 @@ def test_overflow_halves_the_scale_and_leaves_the_state_untouched(step):
 
 def test_scale_grows_after_the_growth_interval_up_to_the_maximum(step):
     cfg = config(**{"train.loss_scale_init": "256", "train.loss_scale_growth_interval": "3"})
-    state = train_lib.create_state(cfg)
+    state = step_lib.create_state(cfg)
     scales = []
     for i in range(7):
         state, m = step(state, batch(i))
@@ -108,7 +107,7 @@ def test_scale_grows_after_the_growth_interval_up_to_the_maximum(step):
     assert scales == [256, 256, 512, 512, 512, 1024, 1024]
     assert int(state.scale_good_steps) == 1
 
-    capped = state.replace(loss_scaling=train_lib.LossScaling(growth_interval=1, max_scale=1024.0))
+    capped = state.replace(loss_scaling=step_lib.LossScaling(growth_interval=1, max_scale=1024.0))
     capped, m = step(capped, batch(7))
     assert float(m["amp/loss_scale"]) == 1024
 
@@ -116,7 +115,7 @@ def test_scale_grows_after_the_growth_interval_up_to_the_maximum(step):
 def test_non_finite_forward_loss_is_a_bad_step_not_an_overflow(step):
     """A NaN in the forward pass is a real divergence: counted by the guard as before, and the
     scale is kept (backing off cannot help a forward pass)."""
-    state = train_lib.create_state(config())
+    state = step_lib.create_state(config())
     params = host(state.params)
     poisoned = np.full_like(batch(0), 10_000)  # out of vocabulary: the embedding gather is NaN
     for _ in range(2):
@@ -134,12 +133,12 @@ def test_bfloat16_step_is_the_unscaled_step(step):
     loss, gradient norm and parameters of a plain value_and_grad + optimizer update, and no amp
     metrics."""
     cfg = config(**{"model.dtype": "bfloat16", "model.vocab_size": "256"})
-    state = train_lib.create_state(cfg)
+    state = step_lib.create_state(cfg)
     assert state.loss_scaling is None and float(state.loss_scale) == 1.0
 
     @jax.jit
     def reference(state, tokens):
-        grad_fn = jax.value_and_grad(train_lib.loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(step_lib.loss_fn, has_aux=True)
         (loss, _), grads = grad_fn(state.params, state.graphdef, tokens)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

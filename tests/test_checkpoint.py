@@ -15,6 +15,7 @@ import pytest
 from perijax import cli
 from perijax import config as config_lib
 from perijax import data as data_lib
+from perijax import step as step_lib
 from perijax import train as train_lib
 from perijax.config import ConfigError
 
@@ -210,11 +211,11 @@ def test_a_loss_spike_is_a_bad_step_with_skip_loss_spikes(skip):
         "train.skip_loss_spikes": str(skip).lower(), "telemetry.spike_window": "8",
         "telemetry.spike_min_history": "4", "optim.warmup_steps": "0",
     })  # fmt: skip
-    state = train_lib.create_state(cfg)
+    state = step_lib.create_state(cfg)
     # Eight recent losses of 1.0: a loss of ln(64) = 4.2 at initialization is a spike.
     state = state.replace(loss_history=state.loss_history.at[:].set(1.0), history_count=8)
     batch = np.random.default_rng(0).integers(0, 64, (8, 1, 17)).astype(np.int32)
-    new, m = jax.jit(train_lib.train_step)(state, batch)
+    new, m = jax.jit(step_lib.train_step)(state, batch)
     assert float(m["train/loss"]) > 1.2 and int(m["spikes/loss"]) == 1
     assert int(m["guard/skipped_steps"]) == int(skip)
     unchanged = [

@@ -10,6 +10,8 @@ import pytest
 from test_model import np_attention, np_mlp, np_norm
 
 from perijax import config as config_lib
+from perijax import step as step_lib
+from perijax import telemetry as telemetry_lib
 from perijax import train as train_lib
 from perijax.checkpoint import flatten
 from perijax.metrics import expand_layers
@@ -33,9 +35,9 @@ def config(**overrides):
 )
 def test_telemetry_equals_numpy_forward(placement, scan):
     cfg = config(**{"model.ln_placement": placement, "model.scan_layers": scan})
-    state = train_lib.create_state(cfg)
+    state = step_lib.create_state(cfg)
     batch = np.random.default_rng(0).integers(0, 64, (4, 1, 13)).astype(np.int32)
-    new_state, metrics = jax.jit(train_lib.train_step, static_argnums=2)(state, batch, True)
+    new_state, metrics = jax.jit(step_lib.train_step, static_argnums=2)(state, batch, True)
     got = expand_layers(jax.device_get(metrics))
 
     # Independent forward in NumPy, recording the stream after each sublayer.
@@ -90,7 +92,7 @@ def test_telemetry_equals_numpy_forward(placement, scan):
             assert got[f"stability/frac_over_fp16/{key}"] == 0.0
 
     # Per-layer gradient norms and update ratios from the gradient and the update themselves.
-    _, grads = jax.jit(train_lib.loss_and_grads)(state, batch.swapaxes(0, 1))
+    _, grads = jax.jit(step_lib.loss_and_grads)(state, batch.swapaxes(0, 1))
     g, old, new = flatten(grads), flatten(state.params), flatten(new_state.params)
     for i in range(m.num_layers):
         if scan == "false":
@@ -116,7 +118,7 @@ def test_telemetry_equals_numpy_forward(placement, scan):
 def _flops(cfg, telemetry_on):
     mesh = train_lib.setup_mesh(cfg, jax.devices()[:1])
     step = train_lib.compile_train_step(cfg, mesh, telemetry_on=telemetry_on)
-    abstract = jax.eval_shape(lambda: train_lib.create_state(cfg))
+    abstract = jax.eval_shape(lambda: step_lib.create_state(cfg))
     batch = jax.ShapeDtypeStruct((4, 1, 13), jnp.int32)
     with jax.set_mesh(mesh):
         compiled = step.lower(abstract, batch).compile()
@@ -133,23 +135,23 @@ def test_non_log_steps_pay_nothing_for_telemetry():
 
 def test_spikes_are_counted_by_definition():
     cfg = config(**{"telemetry.spike_min_history": "4", "telemetry.spike_window": "8"})
-    state = train_lib.create_state(cfg)
+    state = step_lib.create_state(cfg)
     for value in [1.0, 1.1, 0.9, 1.0, 1.05]:  # history: median ~1.0
         state = state.replace(
-            **train_lib._count_spikes(state, jnp.float32(2.0), jnp.float32(value))
+            **telemetry_lib.count_spikes(state, jnp.float32(2.0), jnp.float32(value))
         )
     assert int(state.grad_spikes) == 0  # 1.05 < 3 x median
-    counted = train_lib._count_spikes(state, jnp.float32(2.0), jnp.float32(3.5))
+    counted = telemetry_lib.count_spikes(state, jnp.float32(2.0), jnp.float32(3.5))
     assert int(counted["grad_spikes"]) == 1  # 3.5 > 3 x 1.0
-    counted = train_lib._count_spikes(state, jnp.float32(2.5), jnp.float32(1.0))
+    counted = telemetry_lib.count_spikes(state, jnp.float32(2.5), jnp.float32(1.0))
     assert int(counted["loss_spikes"]) == 1  # 2.5 > 1.2 x 2.0
-    nan = train_lib._count_spikes(state, jnp.float32(jnp.nan), jnp.float32(jnp.nan))
+    nan = telemetry_lib.count_spikes(state, jnp.float32(jnp.nan), jnp.float32(jnp.nan))
     assert int(nan["history_count"]) == int(state.history_count)  # non-finite: not history
 
 
 def test_frozen_norm_scales_report_no_gamma():
     cfg = config(**{"model.learnable_norm_scale": "false", "model.ln_placement": "peri"})
-    state = train_lib.create_state(cfg)
+    state = step_lib.create_state(cfg)
     batch = np.random.default_rng(0).integers(0, 64, (4, 1, 13)).astype(np.int32)
-    _, metrics = jax.jit(train_lib.train_step, static_argnums=2)(state, batch, True)
+    _, metrics = jax.jit(step_lib.train_step, static_argnums=2)(state, batch, True)
     assert not [k for k in metrics if "gamma" in k]

@@ -11,6 +11,7 @@ import pytest
 
 from perijax import cli
 from perijax import config as config_lib
+from perijax import step as step_lib
 from perijax import train as train_lib
 from perijax.config import ConfigError
 
@@ -53,16 +54,16 @@ def synthetic_cfg(**kw):
 def test_grad_accumulation_equals_full_batch(placement):
     cfg = synthetic_cfg(**{"model.ln_placement": placement})
     batch = np.random.default_rng(0).integers(0, 64, (8, 17)).astype(np.int32)
-    state = train_lib.create_state(cfg)
-    full_loss, full_grads = jax.jit(train_lib.loss_and_grads)(state, batch.reshape(1, 8, 17))
-    acc_loss, acc_grads = jax.jit(train_lib.loss_and_grads)(state, batch.reshape(4, 2, 17))
+    state = step_lib.create_state(cfg)
+    full_loss, full_grads = jax.jit(step_lib.loss_and_grads)(state, batch.reshape(1, 8, 17))
+    acc_loss, acc_grads = jax.jit(step_lib.loss_and_grads)(state, batch.reshape(4, 2, 17))
     np.testing.assert_allclose(acc_loss, full_loss, atol=1e-5)
     for a, b in zip(jax.tree.leaves(acc_grads), jax.tree.leaves(full_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
-    step = jax.jit(train_lib.train_step)
-    full_state, _ = step(train_lib.create_state(cfg), jnp.asarray(batch.reshape(8, 1, 17)))
-    acc_state, _ = step(train_lib.create_state(cfg), jnp.asarray(batch.reshape(2, 4, 17)))
+    step = jax.jit(step_lib.train_step)
+    full_state, _ = step(step_lib.create_state(cfg), jnp.asarray(batch.reshape(8, 1, 17)))
+    acc_state, _ = step(step_lib.create_state(cfg), jnp.asarray(batch.reshape(2, 4, 17)))
     for a, b in zip(
         jax.tree.leaves(acc_state.params), jax.tree.leaves(full_state.params), strict=True
     ):
@@ -71,10 +72,10 @@ def test_grad_accumulation_equals_full_batch(placement):
 
 def test_train_step_changes_params_and_counts_steps():
     cfg = synthetic_cfg()
-    state = train_lib.create_state(cfg)
+    state = step_lib.create_state(cfg)
     before = jax.tree.map(np.asarray, state.params)
     batch = np.random.default_rng(1).integers(0, 64, (8, 1, 17)).astype(np.int32)
-    new_state, metrics = jax.jit(train_lib.train_step, donate_argnums=0)(state, batch)
+    new_state, metrics = jax.jit(step_lib.train_step, donate_argnums=0)(state, batch)
     assert int(new_state.step) == 1
     assert float(metrics["train/lr"]) == pytest.approx(cfg.optim.lr)
     changed = [

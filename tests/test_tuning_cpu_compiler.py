@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from perijax import config as config_lib
+from perijax import step as step_lib
 from perijax import train as train_lib
 from perijax.tuning import cpu_compiler as xla_options
 
@@ -38,7 +39,7 @@ def test_cpu_steps_send_only_matmuls_to_the_library_and_compute_the_same_update(
     assert xla_options.step_compiler_options() == xla_options.CPU_OPTIONS
 
     tuned_fn = train_lib.compile_train_step(cfg, mesh)
-    default_fn = jax.jit(train_lib.train_step)  # XLA's defaults, no compiler options
+    default_fn = jax.jit(step_lib.train_step)  # XLA's defaults, no compiler options
     with jax.set_mesh(mesh):
         tuned = tuned_fn.lower(state, batch).compile()
         default = default_fn.lower(state, batch).compile()
