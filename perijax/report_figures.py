@@ -120,7 +120,7 @@ def fig_resid_var(reps: dict[str, RunResult], path: Path) -> str | None:
     if not data:
         return "no run has stability/resid_var/* metrics"
     colors = _colors(list(data))
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for placement, rows in data.items():
         for row, style in (
             ((rows[0], "--"), (rows[-1], "-")) if len(rows) > 1 else ((rows[0], "-"),)
@@ -141,7 +141,7 @@ def fig_resid_var(reps: dict[str, RunResult], path: Path) -> str | None:
     ax.set_xlabel("layer")
     ax.set_ylabel("Var(residual stream) after block")
     ax.set_title("residual variance per layer (dashed: first logged step)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside: no overlap
     _save(fig, path)
     return None
 
