@@ -13,7 +13,7 @@ import pytest
 from perijax import cli
 from perijax.config import Config, ConfigError, to_dict
 from perijax.metrics import WANDB_RUN_ID_FILE, MetricWriter
-from perijax.report import read_metrics
+from perijax.runlog import read_metrics
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
