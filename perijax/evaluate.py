@@ -32,35 +32,12 @@ from perijax.commandline import fail
 from perijax.config import Config, ConfigError
 
 if TYPE_CHECKING:
-    import jax
-    from flax import nnx
+    pass
 
-__all__ = ["evaluate_checkpoint", "eval_sums", "run_tasks", "add_parser", "run"]
+__all__ = ["evaluate_checkpoint", "run_tasks", "add_parser", "run"]
 
 SPLITS = ("val", "train")
 PROGRESS_SECONDS = 10.0  # a progress line at most this often on long evals
-
-
-# ------------------------------------------------------------------------------------ the loss
-def eval_sums(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    tokens: jax.Array,
-    mask: jax.Array,
-    eod_id: int | None = None,
-) -> dict[str, jax.Array]:
-    """The trainer's `eval_step` with a mask: summed next-token cross-entropy (nats) and count of
-    the targets where `mask` is True. tokens: [B, T + 1] int32; mask: [B, T] bool (target
-    positions). Masked positions are selected away (not multiplied), so padding cannot leak.
-    `eod_id`: document masking, as the run was trained (`train.document_eod`)."""
-    from flax import nnx
-
-    from perijax.step import segment_ids
-
-    model = nnx.merge(graphdef, params)
-    inputs = tokens[:, :-1]
-    total, count = model.loss(inputs, tokens[:, 1:], mask, segment_ids=segment_ids(inputs, eod_id))
-    return {"loss_sum": total, "tokens": count}
 
 
 def _split_streams(data, split: str) -> list[tuple[str, Any]]:
@@ -158,6 +135,7 @@ def evaluate_checkpoint(
 
     from perijax import sharding as sharding_lib
     from perijax.inference import load_model
+    from perijax.step import eval_sums
     from perijax.tuning import compiler_options
 
     if split not in SPLITS:

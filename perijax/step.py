@@ -310,11 +310,25 @@ def train_step(
     return new_state, metrics
 
 
+def eval_sums(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: jax.Array,
+    mask: jax.Array | None = None,
+    eod_id: int | None = None,
+) -> dict[str, jax.Array]:
+    """Summed next-token cross-entropy (nats) and count of the targets where `mask` is True (all
+    when None) of tokens [B, T + 1] int32; mask: [B, T] bool (target positions), selected away,
+    not multiplied, so padding cannot leak. Summed so batches combine exactly. `eod_id`:
+    document masking. The trainer's evaluation and `perijax eval` both run this."""
+    model = nnx.merge(graphdef, params)
+    inputs = tokens[:, :-1]
+    total, count = model.loss(inputs, tokens[:, 1:], mask, segment_ids=segment_ids(inputs, eod_id))
+    return {"loss_sum": total, "tokens": count}
+
+
 def eval_step(
     state: TrainState, batch: jax.Array, eod_id: int | None = None
 ) -> dict[str, jax.Array]:
-    """Summed loss and token count of one batch [B, T + 1] (summed so batches combine exactly)."""
-    model = nnx.merge(state.graphdef, state.params)
-    inputs = batch[:, :-1]
-    total, count = model.loss(inputs, batch[:, 1:], segment_ids=segment_ids(inputs, eod_id))
-    return {"loss_sum": total, "tokens": count}
+    """`eval_sums` of one batch [B, T + 1] with the state's parameters."""
+    return eval_sums(state.graphdef, state.params, batch, eod_id=eod_id)
