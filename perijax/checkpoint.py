@@ -184,6 +184,37 @@ class Checkpointer:
                     f"'{key}' has shape {have} in the checkpoint but {want} in the config"
                 )
 
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The meta record saved with checkpoint `step` (its config among others)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+
+    def restore_params(self, step: int, targets: Any) -> Any:
+        """Only the parameters of checkpoint `step`, onto the shardings of `targets` (a params
+        tree of ShapeDtypeStruct carrying shardings); the optimizer moments stay on disk.
+        Raises ConfigError naming the first parameter the checkpoint lacks or holds in another
+        shape."""
+        saved = self.manager.item_metadata(step)["state"]
+        wanted = {f"params.{k}": v for k, v in flatten(targets).items()}
+        for key, want in wanted.items():
+            if key not in saved or tuple(saved[key].shape) != tuple(want.shape):
+                raise ConfigError(
+                    f"checkpoint {self.directory / str(step)} does not match its config at '{key}'"
+                )
+        with ocp.PyTreeCheckpointer() as reader:
+            restored = reader.restore(
+                storage.absolute(self.directory / str(step) / "state"),
+                args=ocp.args.PyTreeRestore(
+                    wanted,
+                    restore_args=jax.tree.map(
+                        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), wanted
+                    ),
+                    partial_restore=True,
+                ),
+            )
+        return unflatten(targets, {k[len("params.") :]: v for k, v in restored.items()})
+
     def restore(
         self,
         step: int,

@@ -15,13 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
 from perijax import sharding as sharding_lib
-from perijax import storage
-from perijax.checkpoint import Checkpointer, flatten, resolve_restore_path, unflatten
+from perijax.checkpoint import Checkpointer, flatten, resolve_restore_path
 from perijax.config import CheckpointConfig, Config, ConfigError, resolve, to_dict
 from perijax.model import Transformer, abstract_model
 
@@ -62,30 +60,31 @@ def inference_mesh(cfg: Config, devices: list[Any] | None = None) -> Mesh:
         return sharding_lib.make_mesh(dataclasses.replace(mesh_cfg, fsdp=1, tensor=1), devices[:1])
 
 
-def _open_checkpoint(path: str | Path) -> tuple[Path, int, Config, dict[str, Any]]:
-    """(checkpoints folder, step, config, {saved key: array metadata}) of a checkpoint step
-    folder, checkpoints folder or workdir (its latest checkpoint), read in one open."""
+def _open_checkpoint(path: str | Path) -> tuple[Checkpointer, int, Config]:
+    """(an open read-only Checkpointer, step, config) of a checkpoint step folder, checkpoints
+    folder or workdir (its latest checkpoint); the caller closes it (`.manager.close()`)."""
     directory, step = resolve_restore_path(str(path))
     ckpt = Checkpointer(directory, CheckpointConfig(async_save=False), read_only=True)
     try:
         step = step if step is not None else ckpt.latest_step()
         if step is None:
             raise ConfigError(f"{path}: no complete checkpoint found")
-        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        saved = ckpt.manager.item_metadata(step)["state"]
-    finally:
+        config = ckpt.read_meta(step).get("config")
+        if config is None:
+            raise ConfigError(f"checkpoint {directory / str(step)} carries no config")
+        config["model"]["dtype"] = "auto"  # the saved value is what the training backend used
+        return ckpt, step, resolve(config)
+    except BaseException:
         ckpt.manager.close()
-    config = meta["meta"].get("config")
-    if config is None:
-        raise ConfigError(f"checkpoint {directory / str(step)} carries no config")
-    config["model"]["dtype"] = "auto"  # the saved value is what the training backend used
-    return directory, step, resolve(config), saved
+        raise
 
 
 def read_config(path: str | Path) -> tuple[Path, int, Config]:
     """(checkpoints folder, step, config) of a checkpoint step folder, checkpoints folder or
     workdir (its latest checkpoint)."""
-    return _open_checkpoint(path)[:3]
+    ckpt, step, cfg = _open_checkpoint(path)
+    ckpt.manager.close()
+    return ckpt.directory, step, cfg
 
 
 def load_model(
@@ -104,45 +103,28 @@ def load_model(
     Raises:
       ConfigError: no checkpoint there, or it does not match its own config.
     """
-    directory, step, cfg, saved = _open_checkpoint(path)
-    allowed = {"dtype", "attention", "remat", "loss_chunk_len"}
-    if overrides:
-        bad = sorted(set(overrides) - allowed)
-        if bad:
-            raise ConfigError(f"cannot override model.{bad[0]} when loading a checkpoint")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **overrides))
-    mesh = mesh or inference_mesh(cfg)
-    abstract = abstract_model(cfg.model)
-    graphdef, abstract_params = nnx.split(abstract)
-    shardings = sharding_lib.state_shardings(abstract_params, mesh)
+    ckpt, step, cfg = _open_checkpoint(path)
+    try:
+        allowed = {"dtype", "attention", "remat", "loss_chunk_len"}
+        if overrides:
+            bad = sorted(set(overrides) - allowed)
+            if bad:
+                raise ConfigError(f"cannot override model.{bad[0]} when loading a checkpoint")
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **overrides))
+        mesh = mesh or inference_mesh(cfg)
+        graphdef, abstract_params = nnx.split(abstract_model(cfg.model))
+        shardings = sharding_lib.state_shardings(abstract_params, mesh)
 
-    def with_sharding(sharding, variable):  # shardings is a prefix of the params tree
-        return jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), variable
-        )
-
-    targets = jax.tree.map(with_sharding, shardings, abstract_params)
-    wanted = {f"params.{k}": v for k, v in flatten(targets).items()}
-    for key, want in wanted.items():
-        if key not in saved or tuple(saved[key].shape) != tuple(want.shape):
-            raise ConfigError(
-                f"checkpoint {directory / str(step)} does not match its config at '{key}'"
+        def with_sharding(sharding, variable):  # shardings is a prefix of the params tree
+            return jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), variable
             )
-    # Partial restore: only the parameters (the optimizer moments stay on disk).
-    with ocp.PyTreeCheckpointer() as reader:
-        restored = reader.restore(
-            storage.absolute(directory / str(step) / "state"),
-            args=ocp.args.PyTreeRestore(
-                wanted,
-                restore_args=jax.tree.map(
-                    lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), wanted
-                ),
-                partial_restore=True,
-            ),
-        )
-    params = unflatten(targets, {k[len("params.") :]: v for k, v in restored.items()})
+
+        params = ckpt.restore_params(step, jax.tree.map(with_sharding, shardings, abstract_params))
+    finally:
+        ckpt.manager.close()
     model = nnx.merge(graphdef, params)
-    return Loaded(cfg=cfg, model=model, step=step, path=directory / str(step), mesh=mesh)
+    return Loaded(cfg=cfg, model=model, step=step, path=ckpt.directory / str(step), mesh=mesh)
 
 
 def run_tokenizer(cfg: Config):
