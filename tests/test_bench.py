@@ -14,7 +14,7 @@ import jax
 import pytest
 from jax import monitoring
 
-from perijax import bench, cli, config, flops
+from perijax import bench, cli, config, flops, peaks
 from perijax import config as config_lib
 from perijax import train as train_lib
 
@@ -175,7 +175,7 @@ def test_bench_is_a_perijax_subcommand():
     ],
 )
 def test_device_kind_peaks(kind, name):
-    assert bench.accelerator_peak(kind) == name
+    assert peaks.accelerator_peak(kind) == name
 
 
 def test_weight_matmul_shapes_are_the_step_matmul_flops():
@@ -199,21 +199,21 @@ def test_weight_matmul_shapes_are_the_step_matmul_flops():
 
 def test_peak_sources():
     quiet = dict(sizes=(64,), log=lambda s: None)
-    gpu = bench.resolve_peak(
+    gpu = peaks.resolve_peak(
         "gpu", "NVIDIA H100 80GB HBM3", 8, no_peak=False, peak_tflops=None, **quiet
     )
     assert gpu["source"] == "table:h100" and gpu["tflops"] == 989 and gpu["tflops_total"] == 8 * 989
-    unknown = bench.resolve_peak(
+    unknown = peaks.resolve_peak(
         "gpu", "NVIDIA H100 PCIe", 8, no_peak=False, peak_tflops=None, **quiet
     )
     assert unknown["tflops"] is None and unknown["tflops_total"] is None
-    flag = bench.resolve_peak(
+    flag = peaks.resolve_peak(
         "gpu", "NVIDIA H100 PCIe", 8, no_peak=False, peak_tflops=756.0, **quiet
     )
     assert flag["source"] == "--peak-tflops" and flag["tflops_total"] == 8 * 756.0
-    cpu = bench.resolve_peak("cpu", "cpu", 8, no_peak=False, peak_tflops=0.3, **quiet)
+    cpu = peaks.resolve_peak("cpu", "cpu", 8, no_peak=False, peak_tflops=0.3, **quiet)
     assert cpu["unit"] == "process" and cpu["tflops_total"] == 0.3 * jax.process_count()
-    assert bench.resolve_peak("cpu", "cpu", 8, no_peak=True, peak_tflops=None, **quiet)[
+    assert peaks.resolve_peak("cpu", "cpu", 8, no_peak=True, peak_tflops=None, **quiet)[
         "tflops_total"
     ] is None  # fmt: skip
 
