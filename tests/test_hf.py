@@ -1,4 +1,4 @@
-"""Hugging Face interoperability (perijax/hf.py): every export target computes perijax's logits and
+"""Hugging Face interoperability (perijax/hf/): every export target computes perijax's logits and
 greedy continuations in transformers; import and export invert each other, on perijax-made and on
 transformers-made weights; settings no class represents are refused; the tokenizer files load
 with AutoTokenizer; and `perijax export` / `perijax import` work on a trained checkpoint."""
@@ -363,7 +363,9 @@ def test_tokenizer_json_export_loads_with_autotokenizer(tmp_path):
 
     from perijax.data.tokenizer import JsonTokenizer, train_bpe
 
-    corpus = [(ROOT / "perijax" / name).read_text() for name in ("hf.py", "model.py", "norms.py")]
+    corpus = [
+        (ROOT / "perijax" / name).read_text() for name in ("hf/tensors.py", "model.py", "norms.py")
+    ]
     train_bpe(corpus, 300).save(str(tmp_path / "tokenizer.json"))
     tok = JsonTokenizer(tmp_path / "tokenizer.json")
     m = dataclasses.replace(model_config("pre"), vocab_size=tok.vocab_size)
