@@ -239,33 +239,12 @@ def train(
     mesh = setup_mesh(cfg, devices)
     cfg = resolve_grad_accum(cfg, mesh)
     t_cfg = cfg.train
-    seq_len, accum = cfg.data.seq_len, t_cfg.grad_accum_steps
-    micro_batch = t_cfg.global_batch_size // accum
-    tokens_per_step = t_cfg.global_batch_size * seq_len
-    if t_cfg.global_batch_size % n_processes:
-        raise ConfigError(
-            f"train.global_batch_size={t_cfg.global_batch_size} must be divisible by the "
-            f"number of processes ({n_processes})"
-        )
-    local_batch = t_cfg.global_batch_size // n_processes
+    layout = _BatchLayout.of(cfg, n_processes)
+    seq_len, accum = layout.seq_len, layout.accum
 
     # --- data: each process reads only its own rows; validated before anything is written.
     data = data or load_data(cfg, log)
-    try:
-        batches = data.train_iterator(
-            seq_len=seq_len,
-            global_batch_size=t_cfg.global_batch_size,
-            seed=t_cfg.seed,
-            process_index=process,
-            process_count=n_processes,
-            num_threads=cfg.data.num_threads,
-            prefetch=cfg.data.prefetch,
-        )
-        eval_data = data.eval_batches(
-            seq_len=seq_len, batch_size=micro_batch, num_batches=t_cfg.eval_batches
-        )
-    except ValueError as e:  # e.g. data.seq_len longer than a tiny corpus allows
-        raise ConfigError(f"data '{data.name}': {e}") from e
+    batches, eval_data = _open_batches(cfg, data, layout, process, n_processes)
     eod_id = document_eod(cfg, data)
 
     # --- restore or init: parameters and optimizer state are created in their shardings.
@@ -282,32 +261,12 @@ def train(
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     start_step = int(state.step)
     writer = MetricWriter(workdir, enabled=process == 0, config=resolved)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log(
-        f"model: {n_params:,} parameters, ln_placement={cfg.model.ln_placement}, "
-        f"norm={cfg.model.norm_type}, data={data.name} ({data.train_tokens:,} train tokens)"
-    )
-    log(f"mesh: {sharding_lib.describe(mesh)} over {n_processes} process(es); {source}")
-    log(
-        f"attention: {attention_lib.describe(cfg.model.attention)}"
-        + ("" if eod_id is None else f", within documents (end-of-document id {eod_id})")
-    )
+    _log_setup(cfg, state, data, mesh, f"{n_processes} process(es); {source}", eod_id, log)
 
     # --- compile: explicit shardings; donation lets XLA update the state in place.
-    shardings = state_shardings(cfg, mesh)
-    step_fn = compile_train_step(cfg, mesh, shardings, eod_id=eod_id)
-    log_step_fn = (  # one compiled step serves both when telemetry is off
-        compile_train_step(cfg, mesh, shardings, telemetry_on=True, eod_id=eod_id)
-        if cfg.telemetry.enabled
-        else step_fn
-    )
-    eval_fn = jax.jit(
-        functools.partial(eval_step, eod_id=eod_id),
-        in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 2)),
-        compiler_options=compiler_options(),
-    )
+    step_fn, log_step_fn, eval_fn = _compile_steps(cfg, mesh, eod_id)
     batch_sharding = sharding_lib.batch_sharding(mesh, 3)
-    global_shape = (micro_batch, accum, seq_len + 1)
+    global_shape = (layout.micro_batch, accum, seq_len + 1)
     eval_sharding = sharding_lib.batch_sharding(mesh, 2)
     eval_data = [sharding_lib.replicated_batch(b, eval_sharding) for b in eval_data]
 
@@ -349,7 +308,7 @@ def train(
         if at > mark[1]:
             step_time = (now - mark[0]) / (at - mark[1])
             last_train["perf/step_time_s"] = step_time
-            last_train["perf/tokens_per_sec"] = tokens_per_step / step_time
+            last_train["perf/tokens_per_sec"] = layout.tokens_per_step / step_time
             eta = step_time * (t_cfg.total_steps - at)
         mark = (now, at)
         last_train["guard/rollbacks"] = rollbacks
@@ -361,7 +320,7 @@ def train(
     t_start, t_loop = time.perf_counter(), None
     with StopSignal() as stop:
         while step < t_cfg.total_steps:
-            local = np.asarray(next(batches)).reshape(local_batch // accum, accum, seq_len + 1)
+            local = np.asarray(next(batches)).reshape(layout.local_rows, accum, seq_len + 1)
             logs = (step + 1) % t_cfg.log_every_steps == 0 or step + 1 == t_cfg.total_steps
             with jax.set_mesh(mesh):
                 batch = sharding_lib.global_batch(local, batch_sharding, global_shape)
@@ -425,6 +384,92 @@ def train(
         total_time = time.perf_counter() - (t_loop or time.perf_counter())
         log(f"done: step {step} in {format_duration(total_time)}; workdir {workdir}")
     return {"train": last_train, "eval": last_eval, "state": state, "preempted": preempted}
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchLayout:
+    """How a global batch of `train.global_batch_size` sequences is cut: into `accum`
+    micro-batches of `micro_batch` sequences, and over the processes (each holds `local_rows`
+    rows of every micro-batch)."""
+
+    seq_len: int
+    accum: int
+    micro_batch: int
+    local_rows: int
+    tokens_per_step: int
+
+    @classmethod
+    def of(cls, cfg: Config, n_processes: int) -> _BatchLayout:
+        t = cfg.train
+        if t.global_batch_size % n_processes:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} must be divisible by the "
+                f"number of processes ({n_processes})"
+            )
+        accum = t.grad_accum_steps
+        return cls(
+            seq_len=cfg.data.seq_len,
+            accum=accum,
+            micro_batch=t.global_batch_size // accum,
+            local_rows=t.global_batch_size // n_processes // accum,
+            tokens_per_step=t.global_batch_size * cfg.data.seq_len,
+        )
+
+
+def _open_batches(
+    cfg: Config, data: data_lib.Datasets, layout: _BatchLayout, process: int, n_processes: int
+) -> tuple[Any, list[np.ndarray]]:
+    """This process's training iterator and the eval batches; a corpus too small for the
+    shapes is a ConfigError."""
+    t = cfg.train
+    try:
+        batches = data.train_iterator(
+            seq_len=layout.seq_len,
+            global_batch_size=t.global_batch_size,
+            seed=t.seed,
+            process_index=process,
+            process_count=n_processes,
+            num_threads=cfg.data.num_threads,
+            prefetch=cfg.data.prefetch,
+        )
+        eval_data = data.eval_batches(
+            seq_len=layout.seq_len, batch_size=layout.micro_batch, num_batches=t.eval_batches
+        )
+    except ValueError as e:  # e.g. data.seq_len longer than a tiny corpus allows
+        raise ConfigError(f"data '{data.name}': {e}") from e
+    return batches, eval_data
+
+
+def _log_setup(cfg, state, data, mesh: Mesh, where: str, eod_id: int | None, log) -> None:
+    """The start-up lines: model, data, mesh (and where the state came from), attention."""
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log(
+        f"model: {n_params:,} parameters, ln_placement={cfg.model.ln_placement}, "
+        f"norm={cfg.model.norm_type}, data={data.name} ({data.train_tokens:,} train tokens)"
+    )
+    log(f"mesh: {sharding_lib.describe(mesh)} over {where}")
+    log(
+        f"attention: {attention_lib.describe(cfg.model.attention)}"
+        + ("" if eod_id is None else f", within documents (end-of-document id {eod_id})")
+    )
+
+
+def _compile_steps(cfg: Config, mesh: Mesh, eod_id: int | None) -> tuple[Any, Any, Any]:
+    """(plain train step, log-step variant with telemetry, eval step), jitted with explicit
+    shardings; one compiled step serves both train variants when telemetry is off."""
+    shardings = state_shardings(cfg, mesh)
+    step_fn = compile_train_step(cfg, mesh, shardings, eod_id=eod_id)
+    log_step_fn = (
+        compile_train_step(cfg, mesh, shardings, telemetry_on=True, eod_id=eod_id)
+        if cfg.telemetry.enabled
+        else step_fn
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, eod_id=eod_id),
+        in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 2)),
+        compiler_options=compiler_options(),
+    )
+    return step_fn, log_step_fn, eval_fn
 
 
 def _roll_back(cfg, mesh, ckpt: Checkpointer, batches, step: int, rollbacks: int, log):
