@@ -331,21 +331,7 @@ def prepare(
     """
     t_start = time.perf_counter()
     # --- options and inputs: checked before anything is written.
-    if not 0 <= val_fraction < 1:
-        raise InputError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    if workers < 1:
-        raise InputError(f"--workers {workers} must be >= 1")
-    if not shard_mb > 0:
-        raise InputError(f"--shard-mb {shard_mb} must be > 0")
-    if text_unit not in inputs_lib.TEXT_UNITS:
-        raise InputError(f"--text-unit {text_unit!r}: expected one of {inputs_lib.TEXT_UNITS}")
-    if invalid_utf8 not in inputs_lib.INVALID_UTF8:
-        raise InputError(f"--invalid-utf8 {invalid_utf8!r}: expected replace or skip")
-    if train_tokenizer and not 300 <= train_tokenizer <= 2**32:
-        raise InputError(
-            f"--train-tokenizer {train_tokenizer}: a byte-level BPE needs at least 300 ids "
-            "(256 bytes, end-of-document, merges)"
-        )
+    _check_options(val_fraction, workers, shard_mb, text_unit, invalid_utf8, train_tokenizer)
     out = Path(out)
     files, empty = inputs_lib.find_inputs(list(inputs), fmt)
     if empty:
@@ -381,16 +367,7 @@ def prepare(
     # --- output folder: new, resumed, or already complete.
     state = _check_out(out, plan_sha, overwrite)
     if state == "complete":
-        manifest = json.loads((out / MANIFEST).read_text())
-        dtype = np.dtype(manifest["dtype"])
-        try:
-            for split in SPLITS:
-                check_files(out, manifest["splits"][split]["shards"], dtype, checksums=True)
-        except ValueError as e:
-            raise InputError(f"{e} (pass --overwrite)") from None
-        tokens = manifest["splits"]["train"]["tokens"]
-        log(f"{out} is already prepared from these inputs ({tokens:,} train tokens); nothing to do")
-        return manifest
+        return _complete_manifest(out, log)
     progress_dir = out / PROGRESS_DIR
     progress_dir.mkdir(parents=True, exist_ok=True)
     with _locked(progress_dir):  # one run per folder at a time
@@ -418,19 +395,8 @@ def prepare(
         dtype = token_dtype(tok.vocab_size)
 
         # --- shards: reuse recorded ones that verify, write the rest in worker processes.
-        records: dict[int, dict] = {}
         progress = _Progress(len(chunks), log)
-        for i in range(len(chunks)):
-            record_path = progress_dir / f"shard-{i:05d}.json"
-            if record_path.is_file():
-                record = json.loads(record_path.read_text())
-                problem = _verify_record(out, record, dtype)
-                if problem is None:
-                    records[i] = record
-                    progress.add(record, resumed=True)
-                    continue
-                warn(f"redoing shard {i}: {problem}")
-                record_path.unlink()
+        records = _verified_records(out, len(chunks), dtype, progress, warn)
         if records:
             log(f"resuming: {len(records)} of {len(chunks)} shards already done and verified")
         tasks = [
@@ -461,26 +427,10 @@ def prepare(
             ) from None
 
         # --- totals, warnings, and the manifest (last).
-        ordered = [records[i] for i in range(len(chunks))]
-        splits, stats = _totals(ordered)
-        if splits["train"]["documents"] == 0:
-            raise InputError(
-                f"no training documents in {len(files)} input file(s) ({stats.empty} empty, "
-                f"{stats.malformed} malformed, {stats.missing_field} without {text_field!r}, "
-                f"{stats.invalid_utf8} invalid UTF-8); no dataset was written"
-            )
-        if val_fraction > 0 and splits["val"]["documents"] == 0:
-            raise InputError(
-                f"no document was held out for validation ({splits['train']['documents']} "
-                f"documents, --val-fraction {val_fraction}): use more or smaller documents "
-                "(--text-unit paragraph or line) or a larger --val-fraction, with --overwrite"
-            )
+        splits, stats = _totals([records[i] for i in range(len(chunks))])
+        _check_splits(splits, stats, len(files), text_field, val_fraction)
         # Warnings only for a dataset that is about to be complete (an error says it all).
-        for key, text in _STAT_WARNINGS.items():
-            if count := getattr(stats, key):
-                if key == "invalid_utf8":
-                    text += " (replaced by U+FFFD)" if invalid_utf8 == "replace" else " (skipped)"
-                warn(f"{count:,} {text.format(field=text_field)}; first: {stats.first[key]}")
+        _warn_stats(stats, text_field, invalid_utf8, warn)
         content = hashlib.sha256(tok.identity.encode())
         for split in SPLITS:
             for e in splits[split]["shards"]:
@@ -515,6 +465,95 @@ def prepare(
         f"bytes/token, {elapsed:.1f} s ({progress.rate():.2f} MB/s of input this run)"
     )
     return manifest
+
+
+def _check_options(
+    val_fraction: float,
+    workers: int,
+    shard_mb: float,
+    text_unit: str,
+    invalid_utf8: str,
+    train_tokenizer: int,
+) -> None:
+    if not 0 <= val_fraction < 1:
+        raise InputError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if workers < 1:
+        raise InputError(f"--workers {workers} must be >= 1")
+    if not shard_mb > 0:
+        raise InputError(f"--shard-mb {shard_mb} must be > 0")
+    if text_unit not in inputs_lib.TEXT_UNITS:
+        raise InputError(f"--text-unit {text_unit!r}: expected one of {inputs_lib.TEXT_UNITS}")
+    if invalid_utf8 not in inputs_lib.INVALID_UTF8:
+        raise InputError(f"--invalid-utf8 {invalid_utf8!r}: expected replace or skip")
+    if train_tokenizer and not 300 <= train_tokenizer <= 2**32:
+        raise InputError(
+            f"--train-tokenizer {train_tokenizer}: a byte-level BPE needs at least 300 ids "
+            "(256 bytes, end-of-document, merges)"
+        )
+
+
+def _complete_manifest(out: Path, log: Callable[[str], None]) -> dict:
+    """The manifest of a dataset already prepared from the same plan, its shards checked."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    dtype = np.dtype(manifest["dtype"])
+    try:
+        for split in SPLITS:
+            check_files(out, manifest["splits"][split]["shards"], dtype, checksums=True)
+    except ValueError as e:
+        raise InputError(f"{e} (pass --overwrite)") from None
+    tokens = manifest["splits"]["train"]["tokens"]
+    log(f"{out} is already prepared from these inputs ({tokens:,} train tokens); nothing to do")
+    return manifest
+
+
+def _verified_records(
+    out: Path, n: int, dtype: np.dtype, progress: _Progress, warn: Callable[[str], None]
+) -> dict[int, dict]:
+    """{shard index: record} of the shards an earlier run finished and that still verify; the
+    records of the others are removed (those shards are redone)."""
+    records: dict[int, dict] = {}
+    for i in range(n):
+        record_path = out / PROGRESS_DIR / f"shard-{i:05d}.json"
+        if record_path.is_file():
+            record = json.loads(record_path.read_text())
+            problem = _verify_record(out, record, dtype)
+            if problem is None:
+                records[i] = record
+                progress.add(record, resumed=True)
+                continue
+            warn(f"redoing shard {i}: {problem}")
+            record_path.unlink()
+    return records
+
+
+def _check_splits(
+    splits: dict, stats: ReadStats, n_files: int, text_field: str, val_fraction: float
+) -> None:
+    """A dataset without training documents, or without the validation split asked for, is an
+    InputError: nothing is presented as complete."""
+    if splits["train"]["documents"] == 0:
+        raise InputError(
+            f"no training documents in {n_files} input file(s) ({stats.empty} empty, "
+            f"{stats.malformed} malformed, {stats.missing_field} without {text_field!r}, "
+            f"{stats.invalid_utf8} invalid UTF-8); no dataset was written"
+        )
+    if val_fraction > 0 and splits["val"]["documents"] == 0:
+        raise InputError(
+            f"no document was held out for validation ({splits['train']['documents']} "
+            f"documents, --val-fraction {val_fraction}): use more or smaller documents "
+            "(--text-unit paragraph or line) or a larger --val-fraction, with --overwrite"
+        )
+
+
+def _warn_stats(
+    stats: ReadStats, text_field: str, invalid_utf8: str, warn: Callable[[str], None]
+) -> None:
+    """One warning per kind of input the run skipped or repaired, with its first example."""
+    for key, text in _STAT_WARNINGS.items():
+        if count := getattr(stats, key):
+            if key == "invalid_utf8":
+                text += " (replaced by U+FFFD)" if invalid_utf8 == "replace" else " (skipped)"
+            warn(f"{count:,} {text.format(field=text_field)}; first: {stats.first[key]}")
 
 
 def _run_tasks(tasks: list[dict], workers: int, finished: Callable[[dict], None]) -> None:
