@@ -173,24 +173,7 @@ def evaluate_checkpoint(
     rows_per_batch = -(-batch_size // shards) * shards
 
     # --- batches: the trainer's own eval batches, or every window of the split.
-    streams = _split_streams(data, split)
-    if split == "val" and max_batches is not None:
-        try:
-            fixed = data.eval_batches(
-                seq_len=seq_len, batch_size=batch_size, num_batches=max_batches
-            )
-        except ValueError as e:
-            raise ConfigError(f"data '{data.name}': {e}") from e
-        rows = (row for batch in fixed for row in np.asarray(batch))
-        num_batches = len(fixed)
-    else:
-        windows = sum(max(0, -(-(len(s) - 1) // seq_len)) for _, s in streams)
-        if windows == 0:
-            raise ConfigError(f"the {split} split of data '{data.name}' has fewer than 2 tokens")
-        rows = (w for _, s in streams for w in _windows(s, seq_len))
-        num_batches = -(-windows // batch_size)
-        if max_batches is not None:
-            num_batches = min(num_batches, max_batches)
+    rows, num_batches = _rows(data, split, seq_len, batch_size, max_batches)
     batches = _padded_batches(rows, batch_size, rows_per_batch, seq_len)
 
     # --- compile once: batches sharded over the mesh's batch axes like training.
@@ -208,8 +191,68 @@ def evaluate_checkpoint(
     )
 
     # --- loop: the host reads batch i's sums after dispatching batch i + 1.
-    loss_sum, tokens = 0.0, 0.0
-    done, t0, last_report = 0, time.perf_counter(), time.perf_counter()
+    t0 = time.perf_counter()
+    loss_sum, tokens, done = _sum_batches(
+        lambda batch, mask: eval_fn(
+            params,
+            sharding_lib.replicated_batch(batch, batch_sharding),
+            sharding_lib.replicated_batch(mask, batch_sharding),
+        ),
+        batches,
+        num_batches,
+        mesh,
+        log,
+    )
+    loss = loss_sum / tokens
+    log(f"eval: {int(tokens):,} tokens in {time.perf_counter() - t0:.1f}s")
+    return {
+        "loss": loss,
+        "perplexity": float(np.exp(min(loss, 80.0))),
+        "bits_per_token": loss / math.log(2),
+        "tokens": int(tokens),
+        "batches": done,
+        "split": split,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "data": data.name,
+        "step": loaded.step,
+        "checkpoint": str(loaded.path),
+    }
+
+
+def _rows(
+    data, split: str, seq_len: int, batch_size: int, max_batches: int | None
+) -> tuple[Iterator[np.ndarray], int]:
+    """(rows to score, number of batches): the trainer's own eval batches (val split with
+    `max_batches`), else every window of the split, the first `max_batches` batches of them."""
+    if split == "val" and max_batches is not None:
+        try:
+            fixed = data.eval_batches(
+                seq_len=seq_len, batch_size=batch_size, num_batches=max_batches
+            )
+        except ValueError as e:
+            raise ConfigError(f"data '{data.name}': {e}") from e
+        return (row for batch in fixed for row in np.asarray(batch)), len(fixed)
+    streams = _split_streams(data, split)
+    windows = sum(max(0, -(-(len(s) - 1) // seq_len)) for _, s in streams)
+    if windows == 0:
+        raise ConfigError(f"the {split} split of data '{data.name}' has fewer than 2 tokens")
+    num_batches = -(-windows // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    return (w for _, s in streams for w in _windows(s, seq_len)), num_batches
+
+
+def _sum_batches(
+    score: Callable, batches: Iterator, num_batches: int, mesh, log: Callable[[str], None]
+) -> tuple[float, float, int]:
+    """(summed loss, scored tokens, batches) of the first `num_batches` (tokens, mask) batches;
+    batch i's sums are read after batch i + 1 is dispatched, with a progress line at most every
+    PROGRESS_SECONDS."""
+    import jax
+
+    loss_sum, tokens, done = 0.0, 0.0, 0
+    t0 = last_report = time.perf_counter()
     pending = None
 
     def collect(out) -> None:
@@ -230,32 +273,13 @@ def evaluate_checkpoint(
         for i, (batch, mask) in enumerate(batches):
             if i == num_batches:
                 break
-            out = eval_fn(
-                params,
-                sharding_lib.replicated_batch(batch, batch_sharding),
-                sharding_lib.replicated_batch(mask, batch_sharding),
-            )
+            out = score(batch, mask)
             if pending is not None:
                 collect(pending)
             pending = out
         if pending is not None:
             collect(pending)
-
-    loss = loss_sum / tokens
-    log(f"eval: {int(tokens):,} tokens in {time.perf_counter() - t0:.1f}s")
-    return {
-        "loss": loss,
-        "perplexity": float(np.exp(min(loss, 80.0))),
-        "bits_per_token": loss / math.log(2),
-        "tokens": int(tokens),
-        "batches": done,
-        "split": split,
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-        "data": data.name,
-        "step": loaded.step,
-        "checkpoint": str(loaded.path),
-    }
+    return loss_sum, tokens, done
 
 
 # ------------------------------------------------------------------------- lm-evaluation-harness
