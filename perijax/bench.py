@@ -193,18 +193,13 @@ def bench(
     """Measures every placement; returns the report (the JSON file's content, less `command`).
     `on_update` receives the report so far (`complete: false`) after each placement and repeat,
     so an interrupted run keeps what it measured."""
-    import flax
     import jax
-    import jax.numpy as jnp
-    import jaxlib
-    import numpy as np
 
     from perijax import attention as attention_lib
     from perijax import sharding as sharding_lib
     from perijax import train as train_lib
-    from perijax import tuning
-    from perijax.flops import flops_per_token, weight_matmul_shapes
-    from perijax.model import check_backend, compute_dtype
+    from perijax.flops import weight_matmul_shapes
+    from perijax.model import check_backend
 
     # --- mesh and batch: checked before anything is measured.
     check_backend(cfg.model)
@@ -212,18 +207,9 @@ def bench(
     cfg = train_lib.resolve_grad_accum(cfg, mesh)
     devices = list(mesh.devices.flat)
     local_devices = [d for d in devices if d.process_index == jax.process_index()]
-    t_cfg, seq_len = cfg.train, cfg.data.seq_len
-    accum = t_cfg.grad_accum_steps
-    global_shape = (t_cfg.global_batch_size // accum, accum, seq_len + 1)
-    tokens_per_step = t_cfg.global_batch_size * seq_len
-    rows = global_shape[0] // jax.process_count()  # each process puts its own block of rows
-    tokens = np.random.default_rng(t_cfg.seed).integers(
-        0, cfg.model.vocab_size, size=global_shape, dtype=np.int32
-    )[jax.process_index() * rows : (jax.process_index() + 1) * rows]
-    with jax.set_mesh(mesh):
-        batch = sharding_lib.global_batch(
-            tokens, sharding_lib.batch_sharding(mesh, 3), global_shape
-        )
+    seq_len = cfg.data.seq_len
+    tokens_per_step = cfg.train.global_batch_size * seq_len
+    batch, global_shape, rows = _random_batch(cfg, mesh)
     log(
         f"placements {', '.join(placements)} on {sharding_lib.describe(mesh)}: {warmup} warmup + "
         f"{steps} timed steps x {repeats} repeat(s); attention "
@@ -244,44 +230,12 @@ def bench(
         # the cores the peak is measured on).
         shapes=list(weight_matmul_shapes(cfg.model, rows * seq_len)),
     )
-    resolved = to_dict(cfg)
-    resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name
-    resolved["model"]["attention"] = attention_lib.resolve(cfg.model.attention)
-    header = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "complete": False,
-        "versions": {
-            "perijax": __version__,
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "flax": flax.__version__,
-            "python": platform.python_version(),
-        },
-        "device": {
-            "platform": device.platform,
-            "device_kind": device.device_kind,
-            "count": len(devices),
-            "processes": jax.process_count(),
-            "host_cpu": _cpu_model(),
-            "host_cpu_count": os.cpu_count(),
-            "host_malloc_tuned": tuning.host_tuned(),
-            "step_compiler_options": tuning.compiler_options() or {},
-        },
-        "mesh": dict(mesh.shape),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
-        "peak": peak,
-        "settings": {
-            "placements": list(placements),
-            "steps": steps,
-            "warmup": warmup,
-            "repeats": repeats,
-        },
-        "config": resolved,
-        "batch_shape": list(global_shape),
-        "tokens_per_step": tokens_per_step,
-        "model_flops_per_token": flops_per_token(cfg.model, seq_len),  # placement-independent
-        "order": [],  # the placements of each round, in the order they ran
+    header = _header(cfg, mesh, peak, placements, global_shape)
+    header["settings"] = {
+        "placements": list(placements),
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
     }
 
     def report(complete: bool) -> dict[str, Any]:
@@ -347,6 +301,80 @@ def bench(
             if on_update is not None:
                 on_update(report(complete=False))
     return report(complete=True)
+
+
+def _random_batch(cfg: Config, mesh: Any) -> tuple[Any, tuple[int, int, int], int]:
+    """(a batch of random tokens laid out as the train step takes it, placed on the mesh; its
+    global shape [B/A, A, T + 1]; the rows this process holds)."""
+    import jax
+    import numpy as np
+
+    from perijax import sharding as sharding_lib
+
+    t, seq_len = cfg.train, cfg.data.seq_len
+    accum = t.grad_accum_steps
+    global_shape = (t.global_batch_size // accum, accum, seq_len + 1)
+    rows = global_shape[0] // jax.process_count()  # each process puts its own block of rows
+    tokens = np.random.default_rng(t.seed).integers(
+        0, cfg.model.vocab_size, size=global_shape, dtype=np.int32
+    )[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+    with jax.set_mesh(mesh):
+        batch = sharding_lib.global_batch(
+            tokens, sharding_lib.batch_sharding(mesh, 3), global_shape
+        )
+    return batch, global_shape, rows
+
+
+def _header(
+    cfg: Config, mesh: Any, peak: dict[str, Any], placements: Sequence[str], global_shape: tuple
+) -> dict[str, Any]:
+    """What the report says about the run besides the measurements: versions, device, mesh,
+    peak, the resolved config, the batch and the model FLOPs per token."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import jaxlib
+
+    from perijax import attention as attention_lib
+    from perijax import tuning
+    from perijax.flops import flops_per_token
+    from perijax.model import compute_dtype
+
+    device = next(iter(mesh.devices.flat))
+    resolved = to_dict(cfg)
+    resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name
+    resolved["model"]["attention"] = attention_lib.resolve(cfg.model.attention)
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "complete": False,
+        "versions": {
+            "perijax": __version__,
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__,
+            "python": platform.python_version(),
+        },
+        "device": {
+            "platform": device.platform,
+            "device_kind": device.device_kind,
+            "count": mesh.devices.size,
+            "processes": jax.process_count(),
+            "host_cpu": _cpu_model(),
+            "host_cpu_count": os.cpu_count(),
+            "host_malloc_tuned": tuning.host_tuned(),
+            "step_compiler_options": tuning.compiler_options() or {},
+        },
+        "mesh": dict(mesh.shape),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
+        "peak": peak,
+        "settings": {"placements": list(placements)},
+        "config": resolved,
+        "batch_shape": list(global_shape),
+        "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
+        "model_flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),  # any placement
+        "order": [],  # the placements of each round, in the order they ran
+    }
 
 
 def _placement_report(
