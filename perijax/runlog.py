@@ -7,6 +7,7 @@ JAX.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -126,9 +127,26 @@ class RunResult:
     def seed(self) -> int:
         return int(self.config.get("train.seed", 0))
 
+    @functools.cached_property
+    def finals(self) -> dict[str, Any]:
+        """`final_metrics` of the rows, computed once: tables and figures ask for them often."""
+        return final_metrics(self.rows)
+
     def final(self, key: str) -> float | None:
-        value = final_metrics(self.rows).get(key)
+        value = self.finals.get(key)
         return float(value) if isinstance(value, (int, float)) else None
+
+    @functools.cached_property
+    def blew_up_step(self) -> int | None:
+        """`blew_up_at(self)`, computed once (stability is asked per run in every table and
+        figure)."""
+        start = initial_loss(self)
+        if start is None:
+            return None
+        for step, loss in zip(*series(self.rows, "train/loss"), strict=True):
+            if step > 0 and math.isfinite(loss) and loss > BLOWUP_FACTOR * start:
+                return step
+        return None
 
 
 def infer_status(config: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -220,13 +238,7 @@ def initial_loss(run: RunResult) -> float | None:
 def blew_up_at(run: RunResult) -> int | None:
     """The first step after 0 whose finite train loss exceeds BLOWUP_FACTOR x the loss at
     initialization; None if none does or the initial loss is unknown."""
-    start = initial_loss(run)
-    if start is None:
-        return None
-    for step, loss in zip(*series(run.rows, "train/loss"), strict=True):
-        if step > 0 and math.isfinite(loss) and loss > BLOWUP_FACTOR * start:
-            return step
-    return None
+    return run.blew_up_step
 
 
 def is_stable(run: RunResult) -> bool | None:
