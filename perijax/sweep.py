@@ -368,7 +368,7 @@ def run_sweep(
         _write_json(root / SWEEP_FILE, sweep_record(sweep, sweep.runs()))
     except OSError as e:
         raise ConfigError(f"cannot write to sweep root {root}: {e.strerror}") from e
-    failed = _run_each(sweep, root, runs, configs, data, out=out, verbose=verbose)
+    failed = _run_each(sweep.name, root, runs, configs, data, out=out, verbose=verbose)
     if isinstance(failed, _Stopped):
         return failed.code
     if sweep.refine is not None:
@@ -384,7 +384,7 @@ def run_sweep(
         configs = _prepare(sweep, root, more)
         unfinished = _unfinished(configs, root)
         data.update(_load_all_data(unfinished, log=lambda s: out(f"data: {s}"), have=data))
-        failed_more = _run_each(sweep, root, more, configs, data, out=out, verbose=verbose)
+        failed_more = _run_each("refine", root, more, configs, data, out=out, verbose=verbose)
         if isinstance(failed_more, _Stopped):
             return failed_more.code
         failed += failed_more
@@ -416,7 +416,7 @@ def _prepare(sweep: Sweep, root: Path, runs: Sequence[Run]) -> dict[str, Any]:
 
 
 def _run_each(
-    sweep: Sweep,
+    stage: str,
     root: Path,
     runs: Sequence[Run],
     configs: dict[str, Any],
@@ -425,7 +425,8 @@ def _run_each(
     out: Callable[[str], None],
     verbose: bool,
 ) -> int | _Stopped:
-    """Runs the unfinished `runs` in order; returns how many failed, or _Stopped."""
+    """Runs the unfinished `runs` of a sweep `stage` (its name, or "refine") in order; returns
+    how many failed, or _Stopped."""
     from perijax import train as train_lib
     from perijax.metrics import format_duration
 
@@ -434,7 +435,6 @@ def _run_each(
     states = {r.name: run_state(root / r.name) for r in runs}
     todo = [r for r in runs if states[r.name] not in FINISHED]
     counts = {s: sum(v == s for v in states.values()) for s in ("done", "diverged")}
-    stage = "refine" if runs[0].index >= len(sweep.runs()) else sweep.name
     out(
         f"sweep {stage}: {len(runs)} runs in {root} ({counts['done']} done, "
         f"{counts['diverged']} diverged, {len(todo)} to run)"

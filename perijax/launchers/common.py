@@ -83,7 +83,7 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
         rest, overrides = split_overrides(args[1:])
     except ValueError as e:
         raise LaunchError(str(e)) from e
-    parser = _train_parser()
+    parser = train_parser()  # `perijax train`'s own parser: every train option is known
     try:
         known, unknown = parser.parse_known_args(rest)
     except argparse.ArgumentError as e:
@@ -110,11 +110,6 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
             "checkpoint to start from into WORKDIR/checkpoints/ instead"
         )
     return TrainCommand(args=tuple(args), config=cfg, workdir=known.workdir)
-
-
-def _train_parser() -> argparse.ArgumentParser:
-    """The `perijax train` argument parser itself, so that every train option is known here."""
-    return train_parser()
 
 
 def train_args_of(command: Sequence[str]) -> list[str]:
