@@ -230,13 +230,13 @@ def bench(
         # the cores the peak is measured on).
         shapes=list(weight_matmul_shapes(cfg.model, rows * seq_len)),
     )
-    header = _header(cfg, mesh, peak, placements, global_shape)
-    header["settings"] = {
+    settings = {
         "placements": list(placements),
         "steps": steps,
         "warmup": warmup,
         "repeats": repeats,
     }
+    header = _header(cfg, mesh, peak, settings, global_shape)
 
     def report(complete: bool) -> dict[str, Any]:
         out = {p: _placement_report(cfg, p, results[p], header) for p in placements}
@@ -326,7 +326,7 @@ def _random_batch(cfg: Config, mesh: Any) -> tuple[Any, tuple[int, int, int], in
 
 
 def _header(
-    cfg: Config, mesh: Any, peak: dict[str, Any], placements: Sequence[str], global_shape: tuple
+    cfg: Config, mesh: Any, peak: dict[str, Any], settings: dict[str, Any], global_shape: tuple
 ) -> dict[str, Any]:
     """What the report says about the run besides the measurements: versions, device, mesh,
     peak, the resolved config, the batch and the model FLOPs per token."""
@@ -368,7 +368,7 @@ def _header(
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
         "peak": peak,
-        "settings": {"placements": list(placements)},
+        "settings": settings,
         "config": resolved,
         "batch_shape": list(global_shape),
         "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
