@@ -80,19 +80,21 @@ def _generate(
     slots = jnp.arange(p)
     valid = slots[None, :] >= pad[:, None]
     positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
-    cache = model.init_cache(b, p + max_new_tokens)
-    logits, cache = model(tokens, positions, cache=cache, valid=valid)
+    model.init_cache(b, p + max_new_tokens)
+    logits = model.decode(tokens, positions, valid)
     keys = jax.random.split(key, max_new_tokens)
     first = sample_logits(logits[:, -1], keys[0], temperature, top_k, top_p)
     out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    graphdef, cache, rest = nnx.split(model, nnx.Cache, ...)
 
     def step(i, carry):
         out, cache = carry
+        model = nnx.merge(graphdef, cache, rest)
         position = (p - pad + i - 1)[:, None]  # the previous token's position
         previous = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
-        logits, cache = model(previous, position, cache=cache)
+        logits = model.decode(previous, position)
         token = sample_logits(logits[:, -1], keys[i], temperature, top_k, top_p)
-        return out.at[:, i].set(token), cache
+        return out.at[:, i].set(token), nnx.state(model, nnx.Cache)
 
     out, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out, cache))
     return out

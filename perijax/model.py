@@ -12,8 +12,9 @@ sharding rules map onto mesh axes.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -27,7 +28,7 @@ from perijax import tuning
 from perijax.config import ModelConfig
 from perijax.norms import NORM_ROLES, Norm, residual
 from perijax.sharding import constrain
-from perijax.telemetry import stream_stats
+from perijax.telemetry import StreamProbe, stream_by_sublayer
 
 __all__ = ["ModelConfig", "Transformer", "Block", "Attention", "Mlp", "count_params"]
 
@@ -46,7 +47,7 @@ def check_backend(cfg: ModelConfig) -> None:
     attention_lib.check(cfg.attention, compute_dtype(cfg))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+@partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
     """`jnp.einsum(spec, a, b)` for two operands in `a`'s dtype (the compute dtype) with float32
     accumulation, returned in `out_dtype` (default: `a`'s dtype). `b` may be a float32 parameter:
@@ -133,12 +134,41 @@ def rope(x: jax.Array, rotary: Rotary) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every block of one forward pass shares: the rotary tables of its positions and its
+    document ids (`segment_ids` [B, T] or None). Made once per pass by the Transformer.
+
+    `keys_values` is where attention gets the keys and values it attends to: in training and
+    scoring, those of the tokens themselves."""
+
+    rotary: Rotary
+    segment_ids: jax.Array | None = None
+    mask: jax.Array | None = None
+
+    def keys_values(self, attention: Attention, k: jax.Array, v: jax.Array):
+        return k, v
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeContext(Context):
+    """The Context of a decoding pass: the new tokens' keys and values are written into the KV
+    cache (`Attention.cached_key`/`cached_value`) at slot `index`, and attention reads the whole
+    cache through `mask` [B, T, S] (the slots each new token may attend to)."""
+
+    index: jax.Array | None = None
+
+    def keys_values(self, attention: Attention, k: jax.Array, v: jax.Array):
+        return attention.write_cache(k, v, self.index)
+
+
 class Attention(nnx.Module):
     """Causal multi-head attention with grouped-query option and optional QK-norm.
 
     Query head h reads kv head h // (H / K) (the Hugging Face convention). QK-norm is an RMSNorm
     before RoPE: `per_head` normalizes each head's Dh vector with a shared scale (Gemma 3),
-    `full` normalizes all heads together over H*Dh (OLMo 2).
+    `full` normalizes all heads together over H*Dh (OLMo 2). For decoding, `init_cache` adds the
+    KV cache as `nnx.Cache` variables.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -154,15 +184,18 @@ class Attention(nnx.Module):
         self.q_norm = _norm(cfg, q_dim, "rmsnorm") if q_dim else None
         self.k_norm = _norm(cfg, k_dim, "rmsnorm") if k_dim else None
 
-    def __call__(
-        self,
-        x: jax.Array,
-        rotary: Rotary,
-        cache: LayerCache | None = None,
-        segment_ids: jax.Array | None = None,
-    ):
-        """x: [B, T, D] -> [B, T, D]; with a `cache`, also the cache with this step's keys and
-        values written at `cache.index`. `segment_ids` [B, T]: attend within documents only."""
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+        """x: [B, T, D] -> [B, T, D], attending to the keys and values `ctx.keys_values` gives."""
+        q, k, v = self._project(x, ctx.rotary)
+        k, v = ctx.keys_values(self, k, v)
+        out = attention_lib.attend(
+            self.cfg.attention, q, k, v, segment_ids=ctx.segment_ids, mask=ctx.mask
+        )
+        out = constrain(out, ("batch", "seq", "heads", "kv"))
+        return einsum("bthk,hkd->btd", out, self.wo[...])
+
+    def _project(self, x: jax.Array, rotary: Rotary):
+        """Queries [B, T, H, Dh], keys and values [B, T, K, Dh] of x, QK-normed and rotated."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -174,22 +207,21 @@ class Attention(nnx.Module):
         elif cfg.qk_norm == "full":
             q = self.q_norm(q.reshape(b, t, h * dh)).reshape(b, t, h, dh)
             kk = self.k_norm(kk.reshape(b, t, k * dh)).reshape(b, t, k, dh)
-        q, kk = rope(q, rotary), rope(kk, rotary)
+        q = constrain(rope(q, rotary), ("batch", "seq", "heads", "kv"))
+        return q, rope(kk, rotary), v
 
-        q = constrain(q, ("batch", "seq", "heads", "kv"))
-        if cache is not None:
-            at = (0, cache.index, 0, 0)
-            cache = cache._replace(
-                k=jax.lax.dynamic_update_slice(cache.k, kk.astype(cache.k.dtype), at),
-                v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at),
-            )
-            keys, values = cache.k.astype(x.dtype), cache.v.astype(x.dtype)
-            out = attention_lib.attend(cfg.attention, q, keys, values, mask=cache.mask)
-        else:
-            out = attention_lib.attend(cfg.attention, q, kk, v, segment_ids=segment_ids)
-        out = constrain(out, ("batch", "seq", "heads", "kv"))
-        out = einsum("bthk,hkd->btd", out, self.wo[...])
-        return out if cache is None else (out, cache)
+    def init_cache(self, shape: tuple[int, ...], dtype) -> None:
+        """Empty KV cache variables of `shape` [B, S, K, Dh] ([L, B, S, K, Dh] when stacked)."""
+        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+
+    def write_cache(self, k: jax.Array, v: jax.Array, index: jax.Array):
+        """Writes keys and values [B, T, K, Dh] to cache slots index..index+T-1 and returns the
+        whole cache (keys, values [B, S, K, Dh]) in k's dtype."""
+        at = (0, index, 0, 0)
+        for var, new in ((self.cached_key, k), (self.cached_value, v)):
+            var[...] = jax.lax.dynamic_update_slice(var[...], new.astype(var.dtype), at)
+        return self.cached_key[...].astype(k.dtype), self.cached_value[...].astype(k.dtype)
 
 
 class Mlp(nnx.Module):
@@ -214,7 +246,8 @@ class Block(nnx.Module):
     """One transformer block: an attention and an MLP residual sublayer.
 
     Creates only the norms its placement uses, named by the tensor they normalize:
-    `{attn,mlp}_{input,output,residual}_norm` (NORM_ROLES in perijax/norms.py).
+    `{attn,mlp}_{input,output,residual}_norm` (NORM_ROLES in perijax/norms.py). The two
+    `StreamProbe`s sow each sublayer's stream statistics (no parameters).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -224,90 +257,19 @@ class Block(nnx.Module):
         for sublayer in ("attn", "mlp"):
             for role in NORM_ROLES[cfg.ln_placement]:
                 setattr(self, f"{sublayer}_{role}_norm", _norm(cfg))
+        self.attn_stream = StreamProbe()
+        self.mlp_stream = StreamProbe()
 
-    def _norms(self, sublayer: str) -> dict[str, Norm]:
-        return {
-            f"{role}_norm": getattr(self, f"{sublayer}_{role}_norm")
-            for role in NORM_ROLES[self.placement]
-        }
+    def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+        """x: [B, T, D] residual stream -> [B, T, D]."""
+        x = residual(self.placement, x, partial(self.attn, ctx=ctx), **self._around("attn"))
+        return residual(self.placement, x, self.mlp, **self._around("mlp"))
 
-    def __call__(
-        self,
-        x: jax.Array,
-        rotary: Rotary,
-        *,
-        collect_stats: bool = False,
-        cache: LayerCache | None = None,
-        segment_ids: jax.Array | None = None,
-    ):
-        """x: [B, T, D] residual stream -> [B, T, D] (`rotary`: the tables of x's positions,
-        `rotary_tables`; `segment_ids` [B, T]: attend within documents); with `collect_stats`,
-        also a dict
-        {"attn": stats, "mlp": stats} of scalar telemetry (`stream_stats`); with a KV `cache`,
-        (x, updated cache)."""
-        if cache is not None:
-            holder = {}
-
-            def attn(h):
-                out, holder["cache"] = self.attn(h, rotary, cache)
-                return out
-
-            x = residual(self.placement, x, attn, **self._norms("attn"))
-            x = residual(self.placement, x, self.mlp, **self._norms("mlp"))
-            return x, holder["cache"]
-        sublayers = {
-            "attn": lambda h: self.attn(h, rotary, segment_ids=segment_ids),
-            "mlp": self.mlp,
-        }
-        stats = {}
-        for name, f in sublayers.items():
-            norms = self._norms(name)
-            if not collect_stats:
-                x = residual(self.placement, x, f, **norms)
-                continue
-            # Taps record what the sublayer outputs and what is added to the stream, without
-            # touching the placement equations in `residual`.
-            taps = {}
-            tapped = _tap(f, taps, "out")
-            if "output_norm" in norms:
-                norms = {**norms, "output_norm": _tap(norms["output_norm"], taps, "added")}
-            x = residual(self.placement, x, tapped, **norms)
-            stats[name] = stream_stats(x, taps.get("added", taps["out"]))
-        return (x, stats) if collect_stats else x
-
-
-class LayerCache(NamedTuple):
-    """One layer's view of the KV cache during decoding (S cache slots).
-
-    k, v: [B, S, K, Dh] keys/values of every slot written so far; mask: [B, T, S] which slots
-    each of the T new tokens may attend to; index: the slot the first new token is written to.
-    """
-
-    k: jax.Array
-    v: jax.Array
-    mask: jax.Array
-    index: jax.Array
-
-
-class KVCache(NamedTuple):
-    """The KV cache of all layers for incremental decoding (`Transformer.__call__(cache=...)`).
-
-    k, v: [L, B, S, K, Dh]; valid: [B, S] slots holding a real (non-padding) token; index: int32
-    scalar, the next slot to write. Create with `Transformer.init_cache`.
-    """
-
-    k: jax.Array
-    v: jax.Array
-    valid: jax.Array
-    index: jax.Array
-
-
-def _tap(f, taps: dict, name: str):
-    def tapped(h):
-        taps[name] = f(h)
-        return taps[name]
-
-    return tapped
+    def _around(self, sublayer: str) -> dict[str, Norm | StreamProbe]:
+        """The norms of `sublayer` ("attn" or "mlp") by role, and its stream probe."""
+        roles = NORM_ROLES[self.placement]
+        norms = {f"{role}_norm": getattr(self, f"{sublayer}_{role}_norm") for role in roles}
+        return {**norms, "probe": getattr(self, f"{sublayer}_stream")}
 
 
 REMAT_POLICIES = {
@@ -319,21 +281,15 @@ REMAT_POLICIES = {
 }
 
 
-def _block_fn(
-    graphdef: nnx.GraphDef,
-    rotary: Rotary,
-    remat: str,
-    collect: bool = False,
-    segment_ids: jax.Array | None = None,
-):
-    """(x, block_state) -> (x, stats or None): one block, optionally rematerialized, shaped
-    for scan (stats become [L]-stacked scan outputs)."""
+def _block_fn(graphdef: nnx.GraphDef, ctx: Context, remat: str):
+    """(x, block state) -> (x, what the block changed): one block, optionally rematerialized,
+    shaped for scan. What it changed is its sown telemetry (`nnx.Intermediate`) and, decoding,
+    its KV cache (`nnx.Cache`); scanned, both come out [L]-stacked."""
 
     def body(x, state):
         block = nnx.merge(graphdef, state)
-        out = block(x, rotary, collect_stats=collect, segment_ids=segment_ids)
-        x, stats = out if collect else (out, None)
-        return constrain(x, ("batch", "seq", None)), stats
+        x, sown = nnx.capture(block, nnx.Intermediate)(x, ctx)
+        return constrain(x, ("batch", "seq", None)), (sown, nnx.state(block, nnx.Cache))
 
     if remat == "none":
         return body
@@ -347,12 +303,25 @@ def stack_layers(blocks: list[Block]) -> Block:
     return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
 
 
+class LossSums(NamedTuple):
+    """What `Transformer.loss` returns: sums, so that batches combine exactly."""
+
+    total: jax.Array  # summed next-token cross-entropy (nats), float32
+    count: jax.Array  # positions counted
+    stream: dict[str, dict[str, jax.Array]]  # per-layer stream statistics (stream_by_sublayer)
+
+
 class Transformer(nnx.Module):
     """Token ids [B, T] -> next-token logits [B, T, V] (float32).
 
     With `scan_layers` the blocks are one Block with stacked [L, ...] parameters applied by
     `jax.lax.scan` (compile time independent of depth); otherwise a list of L blocks. Both are
-    initialized identically for the same seed and apply the same per-block function.
+    initialized identically for the same seed and apply the same per-block function, in one
+    layer loop (`_layers`) that training, scoring and decoding share.
+
+    Every forward pass measures the residual stream: each block's probes sow their statistics,
+    the layer loop captures them (`nnx.capture`), and `loss` returns them. A caller that ignores
+    them pays nothing under `jax.jit`: XLA removes the unused computation.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -370,46 +339,17 @@ class Transformer(nnx.Module):
             else _param(rngs, cfg.init_std, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
         )
 
-    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
-        """An empty KV cache of `max_len` slots (compute dtype unless `dtype` is given)."""
-        cfg = self.cfg
-        shape = (cfg.num_layers, batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
-        zeros = jnp.zeros(shape, dtype or compute_dtype(cfg))
-        return KVCache(
-            k=zeros,
-            v=zeros,
-            valid=jnp.zeros((batch_size, max_len), bool),
-            index=jnp.zeros((), jnp.int32),
-        )
-
     def __call__(
         self,
         tokens: jax.Array,
         positions: jax.Array | None = None,
         *,
-        collect_stats: bool = False,
-        cache: KVCache | None = None,
-        valid: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-    ):
-        """logits [B, T, V] float32; with `collect_stats` also per-layer telemetry
-        {"attn": {name: [L]}, "mlp": {name: [L]}} (see `stream_stats`).
-
-        Decoding: with a KV `cache`, the T tokens are written to slots index..index+T-1 and
-        attend to every valid slot up to their own; returns (logits, updated cache). `valid`
-        [B, T] marks padding tokens (False) that nothing may attend to; `positions` [B, T] are
-        then required (a left-padded row's first real token has position 0).
-
-        Packed sequences: `segment_ids` [B, T] (`attention.document_ids`) keep attention within
-        each document, and positions restart at each document's first token."""
-        if cache is not None:
-            x, rotary = self._embed(tokens, positions)
-            return self._decode(x, rotary, cache, valid)
-        x, stats = self.hidden(
-            tokens, positions, collect_stats=collect_stats, segment_ids=segment_ids
-        )
-        logits = self._head(x)
-        return (logits, stats) if collect_stats else logits
+    ) -> jax.Array:
+        """logits [B, T, V] float32 of tokens [B, T] at `positions` [T] or [B, T] (default
+        0..T-1). Packed sequences: `segment_ids` [B, T] (`attention.document_ids`) keep attention
+        within each document, and positions restart at each document's first token."""
+        return self._head(self.hidden(tokens, positions, segment_ids=segment_ids)[0])
 
     def loss(
         self,
@@ -417,28 +357,74 @@ class Transformer(nnx.Module):
         targets: jax.Array,
         mask: jax.Array | None = None,
         *,
-        collect_stats: bool = False,
         segment_ids: jax.Array | None = None,
-    ):
-        """(summed next-token cross-entropy, counted positions), with `collect_stats` also the
-        per-layer telemetry, for inputs `tokens` [B, T] and their `targets` [B, T]; `mask` [B, T]
-        marks the positions that count (None: all); `segment_ids` [B, T] as in `__call__`. The
-        output head and the loss run in chunks of `ModelConfig.loss_chunk_len` positions without
+    ) -> LossSums:
+        """`LossSums` of inputs `tokens` [B, T] and their `targets` [B, T]; `mask` [B, T] marks
+        the positions that count (None: all); `segment_ids` [B, T] as in `__call__`. The output
+        head and the loss run in chunks of `ModelConfig.loss_chunk_len` positions without
         whole-batch logits (`perijax.loss`); the result equals the cross-entropy of the whole
         logits `self(tokens)` (tests/test_loss.py checks it)."""
-        x, stats = self.hidden(tokens, collect_stats=collect_stats, segment_ids=segment_ids)
+        x, stream = self.hidden(tokens, segment_ids=segment_ids)
         b, t = tokens.shape
         vocab_first = self.lm_head is None
         w = self.embed[...] if vocab_first else self.lm_head[...]
         chunk = loss_lib.chunk_len_for(self.cfg.loss_chunk_len, b, t, self.cfg.vocab_size)
         out = loss_lib.head_loss(x, w, targets, mask, chunk_len=chunk, vocab_first=vocab_first)
-        return (*out, stats) if collect_stats else out
+        return LossSums(*out, stream)
 
-    def _embed(self, tokens: jax.Array, positions, segment_ids=None) -> tuple[jax.Array, Rotary]:
-        cfg = self.cfg
+    def hidden(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict]:
+        """(final hidden states [B, T, D] in the compute dtype, after the final norm; the
+        per-layer stream statistics): everything but the output head."""
         if positions is None and segment_ids is not None:
             positions = attention_lib.document_positions(segment_ids)
-        elif positions is None:
+        x, rotary = self._embed(tokens, positions)
+        x, stream = self._layers(x, Context(rotary, segment_ids))
+        return self._final(x), stream
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> None:
+        """Adds an empty KV cache of `max_len` slots (compute dtype unless `dtype` is given) for
+        `decode`: keys and values in every attention layer, the slots holding a real token
+        (`cache_valid` [B, S]) and the next slot to write (`cache_index`), all `nnx.Cache`."""
+        cfg = self.cfg
+        shape = (batch_size, max_len, cfg.kv_heads, cfg.dim_per_head)
+        dtype = dtype or compute_dtype(cfg)
+        if cfg.scan_layers:
+            self.blocks.attn.init_cache((cfg.num_layers, *shape), dtype)
+        else:
+            for block in self.blocks:
+                block.attn.init_cache(shape, dtype)
+        self.cache_valid = nnx.Cache(jnp.zeros((batch_size, max_len), bool))
+        self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+    def decode(
+        self, tokens: jax.Array, positions: jax.Array, valid: jax.Array | None = None
+    ) -> jax.Array:
+        """Logits [B, T, V] of tokens [B, T] written to cache slots index..index+T-1 (after
+        `init_cache`), each attending to every valid slot up to its own. `valid` [B, T] marks
+        padding tokens (False) that nothing may attend to; `positions` [B, T] (a left-padded
+        row's first real token has position 0)."""
+        b, t = tokens.shape
+        valid = jnp.ones((b, t), bool) if valid is None else valid
+        index = self.cache_index[...]
+        slots_valid = jax.lax.dynamic_update_slice(self.cache_valid[...], valid, (0, index))
+        slots = jnp.arange(slots_valid.shape[1])
+        query_slots = index + jnp.arange(t)
+        mask = slots_valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+        x, rotary = self._embed(tokens, positions)
+        x, _ = self._layers(x, DecodeContext(rotary, mask=mask, index=index))
+        self.cache_valid[...] = slots_valid
+        self.cache_index[...] = index + t
+        return self._head(self._final(x))
+
+    def _embed(self, tokens: jax.Array, positions) -> tuple[jax.Array, Rotary]:
+        cfg = self.cfg
+        if positions is None:
             positions = np.arange(tokens.shape[-1])  # static: constant rotary tables
         x = jnp.take(self.embed[...], tokens, axis=0).astype(compute_dtype(cfg))
         x = constrain(x, ("batch", "seq", None))
@@ -446,33 +432,26 @@ class Transformer(nnx.Module):
             x = self.embed_norm(x)
         return x, rotary_tables(positions, cfg.dim_per_head, cfg.rope_theta)
 
-    def hidden(
-        self,
-        tokens: jax.Array,
-        positions: jax.Array | None = None,
-        *,
-        collect_stats: bool = False,
-        segment_ids: jax.Array | None = None,
-    ):
-        """(final hidden states [B, T, D] in the compute dtype, after the final norm; per-layer
-        telemetry or None): everything but the output head."""
+    def _layers(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, dict]:
+        """Every block in order: the one layer loop. Returns x and the stream statistics the
+        blocks sowed (`telemetry.stream_by_sublayer`); a decoding pass's KV cache is written
+        back into the blocks."""
         cfg = self.cfg
-        x, rotary = self._embed(tokens, positions, segment_ids)
         if cfg.scan_layers:
             graphdef, state = nnx.split(self.blocks)
-            body = _block_fn(graphdef, rotary, cfg.remat, collect_stats, segment_ids)
-            x, stats = jax.lax.scan(body, x, state)
-        else:
-            per_layer = []
-            for block in self.blocks:
-                graphdef, state = nnx.split(block)
-                fn = _block_fn(graphdef, rotary, cfg.remat, collect_stats, segment_ids)
-                x, layer_stats = fn(x, state)
-                per_layer.append(layer_stats)
-            stats = jax.tree.map(lambda *v: jnp.stack(v), *per_layer) if collect_stats else None
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x, stats
+            x, (sown, cache) = jax.lax.scan(_block_fn(graphdef, ctx, cfg.remat), x, state)
+            nnx.update(self.blocks, cache)
+            return x, stream_by_sublayer(sown)
+        per_layer = []
+        for block in self.blocks:
+            graphdef, state = nnx.split(block)
+            x, (sown, cache) = _block_fn(graphdef, ctx, cfg.remat)(x, state)
+            nnx.update(block, cache)
+            per_layer.append(sown)
+        return x, stream_by_sublayer(jax.tree.map(lambda *v: jnp.stack(v), *per_layer))
+
+    def _final(self, x: jax.Array) -> jax.Array:
+        return x if self.final_norm is None else self.final_norm(x)
 
     def _head(self, x: jax.Array) -> jax.Array:
         """logits [B, T, V] float32 of final hidden states x."""
@@ -482,39 +461,6 @@ class Transformer(nnx.Module):
         else:
             logits = einsum("btd,dv->btv", x, self.lm_head[...], jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"))
-
-    def _decode(self, x: jax.Array, rotary: Rotary, cache: KVCache, valid: jax.Array | None):
-        b, t = x.shape[:2]
-        if valid is None:
-            valid = jnp.ones((b, t), bool)
-        slots_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
-        slots = jnp.arange(cache.valid.shape[1])
-        query_slots = cache.index + jnp.arange(t)
-        mask = slots_valid[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
-
-        def layer(x, block, k, v):
-            return block(x, rotary, cache=LayerCache(k, v, mask, cache.index))
-
-        if self.cfg.scan_layers:
-            graphdef, state = nnx.split(self.blocks)
-
-            def body(x, xs):
-                state, k, v = xs
-                x, new = layer(x, nnx.merge(graphdef, state), k, v)
-                return x, (new.k, new.v)
-
-            x, (ks, vs) = jax.lax.scan(body, x, (state, cache.k, cache.v))
-        else:
-            ks, vs = [], []
-            for i, block in enumerate(self.blocks):
-                x, new = layer(x, block, cache.k[i], cache.v[i])
-                ks.append(new.k)
-                vs.append(new.v)
-            ks, vs = jnp.stack(ks), jnp.stack(vs)
-        new_cache = KVCache(k=ks, v=vs, valid=slots_valid, index=cache.index + t)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return self._head(x), new_cache
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

@@ -91,21 +91,29 @@ def residual(
     placement: str,
     x: jax.Array,
     f: Callable[[jax.Array], jax.Array],
+    *,
+    probe: Callable[[jax.Array, jax.Array], None],
     input_norm: Norm | None = None,
     output_norm: Norm | None = None,
     residual_norm: Norm | None = None,
 ) -> jax.Array:
-    """One residual sublayer `x -> y` for a LayerNorm placement (PAPER.md, docs/ln_variants.md).
+    """One residual sublayer `x -> y` for a LayerNorm placement (PAPER.md, docs/ln_variants.md):
+    `added` is what the sublayer adds to the stream x.
 
-    Only the norms named in NORM_ROLES[placement] are passed; the others stay None.
+    Only the norms named in NORM_ROLES[placement] are passed; the others stay None. `probe` is
+    shown the new stream y and `added` (in the model, a `telemetry.StreamProbe`, which sows
+    their statistics).
     """
     match placement:
         case "pre":  # GPT-2 / Llama
-            return x + f(input_norm(x))
+            y = x + (added := f(input_norm(x)))
         case "post":  # original Transformer
-            return residual_norm(x + f(x))
+            y = residual_norm(x + (added := f(x)))
         case "peri":  # Peri-LN, Gemma 2/3, OLMo-core peri_norm
-            return x + output_norm(f(input_norm(x)))
+            y = x + (added := output_norm(f(input_norm(x))))
         case "output":  # OLMo 2 "reordered norm"
-            return x + output_norm(f(x))
-    raise ValueError(f"unknown ln_placement {placement!r}: expected one of {PLACEMENTS}")
+            y = x + (added := output_norm(f(x)))
+        case _:
+            raise ValueError(f"unknown ln_placement {placement!r}: expected one of {PLACEMENTS}")
+    probe(y, added)
+    return y

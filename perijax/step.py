@@ -1,14 +1,15 @@
 """The train step: the TrainState, its creation and the defaults a restore needs, and the pure
-`train_step` / `eval_step` functions that `perijax.train` compiles with `jax.jit` and buffer
-donation (`.lower().compile()` works on them for memory planning). The divergence guard and
-float16 loss scaling run inside the step (docs/checkpointing.md).
+step functions that `perijax.train` compiles with `jax.jit` and buffer donation
+(`.lower().compile()` works on them for memory planning): `update` is the step, `train_step`
+and `telemetry_step` are what the trainer runs between and on log steps, `eval_step` scores.
+The divergence guard and float16 loss scaling run inside the step (docs/checkpointing.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,29 +149,21 @@ def segment_ids(tokens: jax.Array, eod_id: int | None) -> jax.Array | None:
 
 
 def loss_fn(
-    params: nnx.State,
-    graphdef: nnx.GraphDef,
-    tokens: jax.Array,
-    collect: bool = False,
-    eod_id: int | None = None,
+    params: nnx.State, graphdef: nnx.GraphDef, tokens: jax.Array, eod_id: int | None = None
 ):
-    """(mean next-token cross-entropy, per-layer stats or None). tokens: [B, T + 1] int32;
-    `eod_id`: attend within documents only (`data.document_masking`)."""
+    """(mean next-token cross-entropy, the per-layer stream statistics of its forward pass).
+    tokens: [B, T + 1] int32; `eod_id`: attend within documents only (`data.document_masking`)."""
     model = nnx.merge(graphdef, params)
     inputs = tokens[:, :-1]
-    out = model.loss(
-        inputs, tokens[:, 1:], collect_stats=collect, segment_ids=segment_ids(inputs, eod_id)
-    )
-    total, count, stats = out if collect else (*out, None)
-    return total / count, stats
+    out = model.loss(inputs, tokens[:, 1:], segment_ids=segment_ids(inputs, eod_id))
+    return out.total / out.count, out.stream
 
 
-def loss_and_grads(
-    state: TrainState, batch: jax.Array, collect: bool = False, eod_id: int | None = None
-):
-    """Mean loss, gradient (and with `collect`, per-layer stats) over `batch` [A, B/A, T + 1],
+def loss_and_grads(state: TrainState, batch: jax.Array, eod_id: int | None = None):
+    """(mean loss, gradient, per-layer stream statistics) over `batch` [A, B/A, T + 1],
     accumulated over the A micro-batches with a scan (all have the same token count, so the mean
-    of the micro-batch means is the full-batch mean). Returns (loss, grads[, stats]).
+    of the micro-batch means is the full-batch mean). The statistics are the whole batch's:
+    means over micro-batches, except the maximum.
 
     With float16 loss scaling the loss is multiplied by `state.loss_scale` before
     differentiation, so small gradients survive float16, and the float32 gradients are divided
@@ -181,20 +174,16 @@ def loss_and_grads(
         else _scaled_grad_fn(state.loss_scale)
     )
     if batch.shape[0] == 1:
-        (loss, stats), grads = grad_fn(state.params, state.graphdef, batch[0], collect, eod_id)
-        grads = _unscale(state, grads)
-        return (loss, grads, stats) if collect else (loss, grads)
+        (loss, stats), grads = grad_fn(state.params, state.graphdef, batch[0], eod_id)
+        return loss, _unscale(state, grads), stats
 
     def accumulate(carry, micro_batch):
-        (loss, stats), grads = grad_fn(state.params, state.graphdef, micro_batch, collect, eod_id)
+        (loss, stats), grads = grad_fn(state.params, state.graphdef, micro_batch, eod_id)
         return jax.tree.map(jnp.add, carry, (loss, grads)), stats
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
     (loss, grads), stats = jax.lax.scan(accumulate, zeros, batch)
     loss, grads = jax.tree.map(lambda x: x / batch.shape[0], (loss, _unscale(state, grads)))
-    if not collect:
-        return loss, grads
-    # Stats of the whole batch: means over micro-batches, except the maximum.
     combined = {
         sub: {k: (v.max(0) if k == "max_abs" else v.mean(0)) for k, v in d.items()}
         for sub, d in stats.items()
@@ -243,19 +232,25 @@ def _update_loss_scale(
     }
 
 
-def train_step(
-    state: TrainState, batch: jax.Array, telemetry_on: bool = False, eod_id: int | None = None
-) -> tuple[TrainState, dict[str, jax.Array]]:
+class Observed(NamedTuple):
+    """What one update computed that only the telemetry reads: the gradient and the per-layer
+    stream statistics the forward pass sowed."""
+
+    grads: Any
+    stream: dict[str, dict[str, jax.Array]]
+
+
+def update(
+    state: TrainState, batch: jax.Array, eod_id: int | None = None
+) -> tuple[TrainState, dict[str, jax.Array], Observed]:
     """One optimizer update from the global batch laid out [B/A, A, T + 1]: micro-batch a is
     `batch[:, a]`. Axis 0 is the sharded batch axis, so every device holds rows of every
-    micro-batch and each process feeds its own contiguous block of rows.
-
-    `telemetry_on` (static) adds the per-layer stability metrics; the trainer compiles that
-    variant separately and runs it on log steps only, so other steps pay nothing for it.
-    `eod_id` (static): document masking at that end-of-document token (`document_eod`).
+    micro-batch and each process feeds its own contiguous block of rows. Returns the new state,
+    the step's metrics and what the telemetry reads (`train_step` and `telemetry_step` are this
+    function with and without the last). `eod_id` (static): document masking at that
+    end-of-document token (`document_eod`).
     """
-    out = loss_and_grads(state, batch.swapaxes(0, 1), telemetry_on, eod_id)
-    loss, grads = out[:2]
+    loss, grads, stream = loss_and_grads(state, batch.swapaxes(0, 1), eod_id)
     grad_norm = global_norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -305,9 +300,27 @@ def train_step(
     if amp is not None:
         metrics["amp/loss_scale"] = new_state.loss_scale  # the scale the next step uses
         metrics["amp/overflow_steps"] = new_state.overflow_steps
-    if telemetry_on:
-        metrics.update(layer_metrics(state, grads, params, out[2]))
+    return new_state, metrics, Observed(grads, stream)
+
+
+def train_step(
+    state: TrainState, batch: jax.Array, eod_id: int | None = None
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`update` for the steps between log steps: what only the telemetry reads is not returned,
+    so under `jax.jit` XLA removes its computation (the sown statistics) and these steps pay
+    nothing for telemetry (tests/test_telemetry.py checks the compiled program)."""
+    new_state, metrics, _ = update(state, batch, eod_id)
     return new_state, metrics
+
+
+def telemetry_step(
+    state: TrainState, batch: jax.Array, eod_id: int | None = None
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`update` with the per-layer stability metrics (`telemetry.layer_metrics`) added; the
+    trainer runs it on log steps when `telemetry.enabled`."""
+    new_state, metrics, observed = update(state, batch, eod_id)
+    extra = layer_metrics(state, observed.grads, new_state.params, observed.stream)
+    return new_state, {**metrics, **extra}
 
 
 def eval_sums(
@@ -323,8 +336,8 @@ def eval_sums(
     document masking. The trainer's evaluation and `perijax eval` both run this."""
     model = nnx.merge(graphdef, params)
     inputs = tokens[:, :-1]
-    total, count = model.loss(inputs, tokens[:, 1:], mask, segment_ids=segment_ids(inputs, eod_id))
-    return {"loss_sum": total, "tokens": count}
+    out = model.loss(inputs, tokens[:, 1:], mask, segment_ids=segment_ids(inputs, eod_id))
+    return {"loss_sum": out.total, "tokens": out.count}
 
 
 def eval_step(

@@ -1,7 +1,8 @@
 """Stability telemetry in one place: what the forward pass measures of the residual stream
-(`stream_stats`), the per-layer gradient, update and norm-scale metrics a log step adds
-(`layer_metrics`), and the spike counters every step keeps (`Spikes`, `count_spikes`). The
-definitions are docs/telemetry.md's; the divergence guard uses the same spike test.
+(`stream_stats`, sown by each block's `StreamProbe` and read back by `pop_stream_stats`), the
+per-layer gradient, update and norm-scale metrics a log step adds (`layer_metrics`), and the
+spike counters every step keeps (`Spikes`, `count_spikes`). The definitions are
+docs/telemetry.md's; the divergence guard uses the same spike test.
 """
 
 from __future__ import annotations
@@ -38,6 +39,26 @@ def stream_stats(stream: jax.Array, added: jax.Array) -> dict[str, jax.Array]:
         "frac_over_fp16": jnp.mean((jnp.abs(h) > FP16_MAX).astype(jnp.float32)),
         "sublayer_rms": jnp.sqrt(jnp.mean(jnp.square(a))),
     }
+
+
+class StreamProbe(nnx.Module):
+    """Sows `stream_stats` of the stream after one sublayer and of what the sublayer added, as
+    the `nnx.Intermediate` "stats" (the block's layer loop captures it with `nnx.capture`). No
+    parameters: it changes no parameter path."""
+
+    def __call__(self, stream: jax.Array, added: jax.Array) -> None:
+        stats = stream_stats(stream, added)
+        self.sow(nnx.Intermediate, "stats", stats, init_fn=lambda: None, reduce_fn=_latest)
+
+
+def _latest(_, value):
+    return value
+
+
+def stream_by_sublayer(sown: Any) -> dict[str, dict[str, jax.Array]]:
+    """The statistics the StreamProbes of [L]-stacked blocks sowed (the `nnx.Intermediate`
+    State the layer loop captured), as {"attn": {name: [L]}, "mlp": {name: [L]}}."""
+    return {sub: sown[f"{sub}_stream"]["stats"].get_value() for sub in ("attn", "mlp")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,7 @@ from perijax.step import (
     continue_loss_scale,
     create_state,
     eval_step,
+    telemetry_step,
     train_step,
 )
 from perijax.tuning import compiler_options
@@ -91,12 +92,13 @@ def compile_train_step(
     telemetry_on: bool = False,
     eod_id: int | None = None,
 ):
-    """`train_step` jitted with explicit in/out shardings and the state donated; `eod_id`: the
-    end-of-document token when `data.document_masking` is on (`document_eod`)."""
+    """`train_step` (with `telemetry_on`, `telemetry_step`) jitted with explicit in/out
+    shardings and the state donated; `eod_id`: the end-of-document token when
+    `data.document_masking` is on (`document_eod`)."""
     shardings = shardings or state_shardings(cfg, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
-        functools.partial(train_step, telemetry_on=telemetry_on, eod_id=eod_id),
+        functools.partial(telemetry_step if telemetry_on else train_step, eod_id=eod_id),
         in_shardings=(shardings, sharding_lib.batch_sharding(mesh, 3)),
         out_shardings=(shardings, replicated),
         donate_argnums=0,

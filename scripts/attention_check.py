@@ -33,7 +33,7 @@ def loss_and_grads(cfg: ModelConfig, tokens: jax.Array, seg) -> tuple[float, lis
 
     def loss(params):
         model = nnx.merge(graphdef, params)
-        total, count = model.loss(tokens[:, :-1], tokens[:, 1:], segment_ids=seg)
+        total, count, _ = model.loss(tokens[:, :-1], tokens[:, 1:], segment_ids=seg)
         return total / count
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)

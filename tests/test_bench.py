@@ -248,10 +248,10 @@ def counting_compiles():
 
 
 @pytest.mark.parametrize(
-    "telemetry, log_every, train_variants",
-    [("false", "1000", 1), ("true", "5", 2)],  # telemetry: plain step + log-step variant
+    "telemetry, log_every, telemetry_steps",
+    [("false", "1000", 0), ("true", "5", 1)],  # telemetry: plain step + log-step variant
 )
-def test_train_compiles_each_step_function_once(tmp_path, telemetry, log_every, train_variants):
+def test_train_compiles_each_step_function_once(tmp_path, telemetry, log_every, telemetry_steps):
     cfg = config_lib.load(
         CONFIG,
         list({**TRAIN, "telemetry.enabled": telemetry, "train.log_every_steps": log_every}.items()),
@@ -262,10 +262,11 @@ def test_train_compiles_each_step_function_once(tmp_path, telemetry, log_every, 
     assert int(result["state"].step) == 20
     evals = [line for line in lines if line.startswith("eval")]
     assert len(evals) == 2  # steps 0 and 20: the eval step ran twice, compiled once
-    trace = {fn: counts[TRACE_EVENT, fn] for fn in ("train_step", "eval_step")}
-    compiled = {fn: counts[COMPILE_EVENT, f"jit({fn})"] for fn in ("train_step", "eval_step")}
-    expected = {"train_step": train_variants, "eval_step": 1}
-    # A second train_step trace without telemetry means the log steps run a separately jitted
-    # copy of the plain step (perijax/train.py should reuse it).
+    functions = ("train_step", "telemetry_step", "eval_step")
+    trace = {fn: counts[TRACE_EVENT, fn] for fn in functions}
+    compiled = {fn: counts[COMPILE_EVENT, f"jit({fn})"] for fn in functions}
+    expected = {"train_step": 1, "telemetry_step": telemetry_steps, "eval_step": 1}
+    # A second train_step trace means the log steps run a separately jitted copy of the plain
+    # step (perijax/train.py should reuse it).
     assert trace == expected, f"traces {trace}, expected {expected}"
     assert compiled == expected, f"backend compiles {compiled}, expected {expected}"

@@ -10,10 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ln_variants_quotes_the_residual_code_lines():
     doc = (ROOT / "docs" / "ln_variants.md").read_text()
     code = (ROOT / "perijax" / "norms.py").read_text()
-    rows = re.findall(r"^\| `(pre|post|peri|output)`.*\| `(return [^`]+)` \|$", doc, flags=re.M)
+    rows = re.findall(r"^\| `(pre|post|peri|output)`.*\| `(y = [^`]+)` \|$", doc, flags=re.M)
     assert [placement for placement, _ in rows] == ["pre", "post", "peri", "output"]
     for placement, line in rows:
-        match = re.search(rf'case "{placement}":.*\n\s+(return .+)\n', code)
+        match = re.search(rf'case "{placement}":.*\n\s+(y = .+)\n', code)
         assert match and match.group(1) == line, (placement, line)
 
 

@@ -77,13 +77,13 @@ def test_cached_logits_equal_full_forward_logits():
     model = _model(ln_placement="pre", qk_norm="full")
     tokens = jnp.asarray([[4, 8, 15, 16, 23, 42, 7, 1]])
     full = model(tokens)
-    cache = model.init_cache(1, 16)
-    prefill, cache = model(tokens[:, :5], jnp.arange(5)[None], cache=cache)
+    model.init_cache(1, 16)
+    prefill = model.decode(tokens[:, :5], jnp.arange(5)[None])
     np.testing.assert_allclose(prefill, full[:, :5], atol=2e-5)
     for t in range(5, 8):
-        step, cache = model(tokens[:, t : t + 1], jnp.asarray([[t]]), cache=cache)
+        step = model.decode(tokens[:, t : t + 1], jnp.asarray([[t]]))
         np.testing.assert_allclose(step[:, 0], full[:, t], atol=2e-5)
-    assert int(cache.index) == 8
+    assert int(model.cache_index[...]) == 8
 
 
 def test_stop_tokens_and_lengths():

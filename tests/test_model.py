@@ -12,7 +12,7 @@ from flax import nnx
 
 from perijax.attention import softmax_attention
 from perijax.config import ModelConfig
-from perijax.model import Block, Transformer, count_params, rotary_tables
+from perijax.model import Block, Context, Transformer, count_params, rotary_tables
 
 PLACEMENTS = ["pre", "post", "peri", "output"]
 
@@ -137,8 +137,12 @@ def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def _rotary(cfg, t):
-    return rotary_tables(jnp.arange(t), cfg.dim_per_head, cfg.rope_theta)
+def apply_block(block: Block, x: np.ndarray) -> jax.Array:
+    """The block on x [B, T, D] at positions 0..T-1, as the model's layer loop calls it (its
+    stream probes' statistics captured and dropped)."""
+    cfg = block.attn.cfg
+    ctx = Context(rotary_tables(jnp.arange(x.shape[1]), cfg.dim_per_head, cfg.rope_theta))
+    return nnx.capture(block, nnx.Intermediate)(jnp.asarray(x), ctx)[0]
 
 
 # --------------------------------------------------------------------------------------- tests
@@ -149,7 +153,7 @@ def test_block_matches_numpy_equation(placement, norm_type):
     block = Block(cfg, rngs=nnx.Rngs(3))
     randomize_norms(block, 4)
     x = np.random.default_rng(0).standard_normal((2, 7, cfg.d_model)).astype(np.float32) * 2.0
-    got = np.asarray(block(jnp.asarray(x), _rotary(cfg, 7)))
+    got = np.asarray(apply_block(block, x))
     w = block_weights(weights(block))
     want = np.stack([np_block(x[b].astype(np.float64), w, cfg) for b in range(2)])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -161,7 +165,7 @@ def test_qk_norm_matches_numpy(qk_norm):
     block = Block(cfg, rngs=nnx.Rngs(5))
     randomize_norms(block, 6)
     x = np.random.default_rng(1).standard_normal((1, 9, cfg.d_model)).astype(np.float32)
-    got = np.asarray(block(jnp.asarray(x), _rotary(cfg, 9)))
+    got = np.asarray(apply_block(block, x))
     want = np_block(x[0].astype(np.float64), block_weights(weights(block)), cfg)
     np.testing.assert_allclose(got[0], want, atol=1e-5, rtol=0)
     expected = {"per_head": (cfg.dim_per_head,), "full": (cfg.num_heads * cfg.dim_per_head,)}
@@ -234,7 +238,7 @@ def test_frozen_norm_scale_has_no_parameters():
     block = Block(cfg, rngs=nnx.Rngs(1))
     x = np.random.default_rng(3).standard_normal((1, 5, cfg.d_model)).astype(np.float32)
     want = np_block(x[0].astype(np.float64), block_weights(weights(block)), cfg)
-    got = np.asarray(block(jnp.asarray(x), _rotary(cfg, 5)))[0]
+    got = np.asarray(apply_block(block, x))[0]
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

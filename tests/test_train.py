@@ -55,8 +55,8 @@ def test_grad_accumulation_equals_full_batch(placement):
     cfg = synthetic_cfg(**{"model.ln_placement": placement})
     batch = np.random.default_rng(0).integers(0, 64, (8, 17)).astype(np.int32)
     state = step_lib.create_state(cfg)
-    full_loss, full_grads = jax.jit(step_lib.loss_and_grads)(state, batch.reshape(1, 8, 17))
-    acc_loss, acc_grads = jax.jit(step_lib.loss_and_grads)(state, batch.reshape(4, 2, 17))
+    full_loss, full_grads, _ = jax.jit(step_lib.loss_and_grads)(state, batch.reshape(1, 8, 17))
+    acc_loss, acc_grads, _ = jax.jit(step_lib.loss_and_grads)(state, batch.reshape(4, 2, 17))
     np.testing.assert_allclose(acc_loss, full_loss, atol=1e-5)
     for a, b in zip(jax.tree.leaves(acc_grads), jax.tree.leaves(full_grads), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -51,7 +51,7 @@ def _loss_and_grads(placement: str, norm_type: str):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, size=(2, 17)), jnp.int32)
 
     def loss(params):
-        total, count = nnx.merge(graphdef, params).loss(tokens[:, :-1], tokens[:, 1:])
+        total, count, _ = nnx.merge(graphdef, params).loss(tokens[:, :-1], tokens[:, 1:])
         return total / count
 
     return jax.jit(jax.value_and_grad(loss))(params)
