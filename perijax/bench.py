@@ -17,6 +17,9 @@ so the CPU peak is per process). With `--repeats R` the placements are interleav
 in reverse order on every second round (pre, peri, peri, pre, pre, peri, ...), so that machine
 noise and the position within a round hit all of them alike.
 docs/performance.md explains every number and the JSON file.
+
+Over 500 lines on purpose: the measurement and the report that states what each number means
+(MFU's peak, XLA's FLOPs, compiled-estimate memory) change together, so they stay together.
 """
 
 from __future__ import annotations

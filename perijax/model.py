@@ -470,11 +470,10 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts without allocating: total, embedding (input + untied output), norms."""
-    state = nnx.state(abstract_model(cfg), nnx.Param)
     counts = {"total": 0, "embedding": 0, "norm": 0}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        n = math.prod(leaf.shape)
-        keys = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    for path, param in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param)):
+        n = math.prod(param.shape)
+        keys = [str(key) for key in path]
         counts["total"] += n
         if keys[0] in ("embed", "lm_head"):
             counts["embedding"] += n

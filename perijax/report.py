@@ -7,6 +7,9 @@ and the paper's figures as PNGs.
 
 Reads only WORKDIR/{config.json, metrics.jsonl, status.json}; needs no JAX. A figure whose metrics
 no run has is skipped with a note. docs/experiments.md lists which metrics each figure reads.
+
+Just over 500 lines: the tables; the figures are perijax.report_figures and reading runs back is
+perijax.runlog.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ optionally `name`. Each run lives in ROOT/RUN_NAME, where RUN_NAME lists its gri
 (`ln_placement=peri,lr=0.002,seed=1`), and ends with ROOT/RUN_NAME/status.json. Rerunning the same
 command skips finished runs and resumes the others from their checkpoints. docs/experiments.md
 has the recipes.
+
+Over 500 lines on purpose: running, resuming and emitting a sweep share the on-disk rules (run
+names, status.json, sweep.json, what makes an existing run comparable); the grid syntax itself
+lives in perijax.sweep_grid.
 """
 
 from __future__ import annotations

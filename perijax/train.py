@@ -4,6 +4,9 @@ It sets up the mesh, the data and the state (initialized, resumed or restored), 
 with `jax.jit` and buffer donation, and runs it, logging, evaluating, checkpointing and rolling
 back on repeated bad steps. `train()` reads top to bottom in sections: data -> init -> compile
 -> loop (batch, step, log, eval).
+
+Just over 500 lines: the loop's own parts (the batch layout, the log-step reader, the processes'
+agreement, the rollback) sit beside it, since nothing else uses them.
 """
 
 from __future__ import annotations
@@ -284,40 +287,10 @@ def train(
         return metrics
 
     # --- loop
-    # Metrics of a log step are copied to the host asynchronously and read after the next step
-    # has been dispatched, so the device never waits for the host to log. Step times come from
-    # the moments those reads complete (each waits for its step to finish).
     last_eval = run_eval(0) if start_step == 0 else {}
-    last_train: dict[str, float] = {}
+    step_log = _StepLog(t_cfg, layout.tokens_per_step, writer, log, start_step)
+    agreement = _Agreement(n_processes)
     rollbacks, preempted = 0, False
-    pending: tuple[int, Any] | None = None  # (step, device metrics) of a log step not yet read
-    agreement: Any = None  # flags gathered at the last sync step, read at the next step
-    mark: tuple[float, int] = (0.0, start_step)  # (time, step) when the device last went idle
-
-    def read_metrics() -> bool:
-        """Logs the pending log step's metrics; returns the guard's rollback request."""
-        nonlocal pending, last_train, mark
-        at, device_metrics = pending
-        pending = None
-        last_train = expand_layers(jax.device_get(device_metrics))
-        now = time.perf_counter()
-        rollback = bool(last_train.pop("guard/needs_rollback"))
-        if not t_cfg.skip_bad_steps and not np.isfinite(last_train["train/loss"]):
-            writer.write(at, last_train)
-            writer.close()
-            raise TrainingDiverged(f"loss is {last_train['train/loss']} at step {at}")
-        eta = None
-        if at > mark[1]:
-            step_time = (now - mark[0]) / (at - mark[1])
-            last_train["perf/step_time_s"] = step_time
-            last_train["perf/tokens_per_sec"] = layout.tokens_per_step / step_time
-            eta = step_time * (t_cfg.total_steps - at)
-        mark = (now, at)
-        last_train["guard/rollbacks"] = rollbacks
-        writer.write(at, last_train)
-        log(progress_line(at, t_cfg.total_steps, last_train, eta))
-        return rollback
-
     step = start_step
     t_start, t_loop = time.perf_counter(), None
     with StopSignal() as stop:
@@ -333,44 +306,31 @@ def train(
                 jax.block_until_ready(metrics)
                 log(f"compiled and ran the first step in {time.perf_counter() - t_start:.1f}s")
                 t_loop = time.perf_counter()
-                mark = (t_loop, step)
+                step_log.restart(step)
             last = step == t_cfg.total_steps
             every = t_cfg.eval_every_steps
             eval_now = bool(every and step % every == 0) or last
             # The guard's rollback flag is sticky, so it is read only where the host syncs anyway:
             # with the log-step metrics and before a checkpoint is written.
-            needs_rollback = read_metrics() if pending is not None else False
-            # Stop and clock-based saves are agreed by all processes (distributed.py): started at
-            # a step where the loop syncs anyway, read one step later, when the host waits for
-            # that step regardless. One process needs no agreement and checks every step.
-            local_flags = (stop.received is not None, ckpt.due_by_time())
-            if n_processes == 1:
-                stop_now, time_due = local_flags
-            else:
-                stop_now, time_due = (
-                    distributed.finish_agreement(agreement)
-                    if agreement is not None
-                    else (False, False)
-                )
-                agreement = None
-                if logs or eval_now or ckpt.due_by_steps(step):
-                    agreement = distributed.start_agreement(*local_flags)
+            needs_rollback = step_log.read(rollbacks)
+            stop_now, time_due = agreement.decide(
+                (stop.received is not None, ckpt.due_by_time()),
+                sync_now=logs or eval_now or ckpt.due_by_steps(step),
+            )
             save_now = ckpt.due_by_steps(step) or time_due or last
             if logs:
-                for x in jax.tree.leaves(metrics):
-                    x.copy_to_host_async()
-                pending = (step, metrics)
+                step_log.hold(step, metrics)
                 if last or save_now or eval_now or stop_now:
-                    needs_rollback |= read_metrics()
+                    needs_rollback |= step_log.read(rollbacks)
             if needs_rollback or (save_now and bool(state.needs_rollback)):
                 state, step = _roll_back(cfg, mesh, ckpt, batches, step, rollbacks, log)
                 rollbacks += 1
                 writer.write(step, {"guard/rollbacks": rollbacks})
-                pending, mark = None, (time.perf_counter(), step)  # metrics of the dropped steps
+                step_log.restart(step)  # drops the metrics of the steps rolled back
                 continue
             if eval_now:
                 last_eval = run_eval(step)
-                mark = (time.perf_counter(), step)
+                step_log.restart(step)
             if stop_now:
                 save(step)
                 ckpt.wait()
@@ -385,7 +345,83 @@ def train(
     if not preempted:
         total_time = time.perf_counter() - (t_loop or time.perf_counter())
         log(f"done: step {step} in {format_duration(total_time)}; workdir {workdir}")
-    return {"train": last_train, "eval": last_eval, "state": state, "preempted": preempted}
+    return {"train": step_log.last, "eval": last_eval, "state": state, "preempted": preempted}
+
+
+class _StepLog:
+    """The metrics of log steps, read one step late. A log step's metrics are copied to the host
+    asynchronously and read after the next step has been dispatched, so the device never waits
+    for the host to log. Step times come from the moments those reads complete (each waits for
+    its step to finish), measured from the last `restart` (the first step's compile, an eval, a
+    rollback: times when the device was idle)."""
+
+    def __init__(self, t_cfg, tokens_per_step: int, writer, log: Callable, start_step: int):
+        self.t_cfg, self.tokens_per_step, self.writer, self.log = (
+            t_cfg,
+            tokens_per_step,
+            writer,
+            log,
+        )
+        self.pending: tuple[int, Any] | None = None  # (step, device metrics) not yet read
+        self.mark: tuple[float, int] = (0.0, start_step)  # (time, step) the clock runs from
+        self.last: dict[str, float] = {}  # the last metrics read
+
+    def hold(self, step: int, metrics: dict) -> None:
+        for x in jax.tree.leaves(metrics):
+            x.copy_to_host_async()
+        self.pending = (step, metrics)
+
+    def restart(self, step: int) -> None:
+        self.pending, self.mark = None, (time.perf_counter(), step)
+
+    def read(self, rollbacks: int) -> bool:
+        """Writes and logs the held step's metrics, if any; returns the guard's rollback
+        request. Raises TrainingDiverged on a non-finite loss without the guard."""
+        if self.pending is None:
+            return False
+        (at, device_metrics), self.pending = self.pending, None
+        metrics = expand_layers(jax.device_get(device_metrics))
+        now = time.perf_counter()
+        rollback = bool(metrics.pop("guard/needs_rollback"))
+        total = self.t_cfg.total_steps
+        if not self.t_cfg.skip_bad_steps and not np.isfinite(metrics["train/loss"]):
+            self.writer.write(at, metrics)
+            self.writer.close()
+            raise TrainingDiverged(f"loss is {metrics['train/loss']} at step {at}")
+        eta = None
+        if at > self.mark[1]:
+            step_time = (now - self.mark[0]) / (at - self.mark[1])
+            metrics["perf/step_time_s"] = step_time
+            metrics["perf/tokens_per_sec"] = self.tokens_per_step / step_time
+            eta = step_time * (total - at)
+        self.mark = (now, at)
+        metrics["guard/rollbacks"] = rollbacks
+        self.writer.write(at, metrics)
+        self.log(progress_line(at, total, metrics, eta))
+        self.last = metrics
+        return rollback
+
+
+class _Agreement:
+    """Stop and clock-based-save decisions that all processes take together (distributed.py):
+    gathered at a step where the loop syncs anyway and read one step later, when the host waits
+    for that step regardless. One process needs no agreement and decides every step."""
+
+    def __init__(self, n_processes: int):
+        self.n_processes = n_processes
+        self.pending: Any = None  # flags gathered at the last sync step
+
+    def decide(self, local_flags: tuple[bool, bool], sync_now: bool) -> tuple[bool, bool]:
+        """(stop, save by the clock) for this step, from this process's `local_flags`."""
+        if self.n_processes == 1:
+            return local_flags
+        agreed = (
+            distributed.finish_agreement(self.pending)
+            if self.pending is not None
+            else (False, False)
+        )
+        self.pending = distributed.start_agreement(*local_flags) if sync_now else None
+        return agreed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from perijax.launchers import common, slurm, tpu
+from perijax.launchers import common, slurm, tpu, tpu_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "launching.md"
@@ -125,7 +125,7 @@ def test_doc_recipes_pass_the_launchers_checks():
     launches = [c for c in doc_commands() if c[:1] == ["perijax"] and c[1].startswith("launch-")]
     assert len(launches) >= 9
     for argv in launches:
-        main = slurm.main if argv[1] == "launch-slurm" else tpu.main
+        main = slurm.main if argv[1] == "launch-slurm" else tpu_cli.main
         args = argv[2:]
         cut = args.index("--") if "--" in args else len(args)
         buf = io.StringIO()

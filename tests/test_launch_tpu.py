@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from perijax.launchers import tpu
+from perijax.launchers import tpu, tpu_cli
 
 WHERE = ["--zone", "us-west4-a", "--project", "my-proj"]
 V5E_TRAIN = [
@@ -41,7 +41,7 @@ if marker and any("exec " in a for a in sys.argv) and not os.path.exists(marker)
 
 
 def launch(args, capsys):
-    code = tpu.main(args)
+    code = tpu_cli.main(args)
     out, err = capsys.readouterr()
     return code, out, err
 

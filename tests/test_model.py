@@ -537,3 +537,19 @@ def test_attention_keeps_the_probabilities_in_the_compute_dtype():
 
     assert squares(softmax_attention) == ["bfloat16"]
     assert "float32" in squares(_attention_by_autodiff)
+
+
+def test_block_call_is_its_two_residual_lines():
+    """`Block.__call__` is the placement equation twice (attention, then MLP): after its
+    docstring, two statements, each a call of `norms.residual`."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(Block.__call__)))
+    body = tree.body[0].body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    assert len(body) == 2
+    calls = [statement.value for statement in body]
+    assert all(isinstance(c, ast.Call) and getattr(c.func, "id", None) == "residual" for c in calls)

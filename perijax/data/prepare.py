@@ -9,6 +9,10 @@ shard i (perijax.data.shards) and the main process records each finished shard u
 DIR/.progress. An interrupted run resumes by skipping recorded shards whose files still verify.
 manifest.json is written last, after every shard, so a folder without it is never mistaken for
 a finished dataset. Bad input prints one line, ``perijax: error: ...``, and exits with status 2.
+
+Over 500 lines on purpose: the resume protocol (the plan's hash, the per-shard progress records,
+their verification, the manifest written last) runs through planning, the workers and the
+command line alike, and one file keeps that invariant readable in one place.
 """
 
 from __future__ import annotations
