@@ -31,6 +31,7 @@ from perijax.config import TRACKING_KEYS
 from perijax.runlog import (
     BLOWUP_FACTOR,
     RunResult,
+    best_of,
     blew_up_at,
     find_runs,
     initial_loss,
@@ -173,16 +174,9 @@ def stability_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
         verdicts = {x: [is_stable(r) for r in by_lr[x] if is_stable(r) is not None] for x in lrs}
         stable = [x for x in lrs if verdicts[x] and all(verdicts[x])]
         unstable = [x for x in lrs if not all(verdicts[x])]
-        done = {x: [r for r in by_lr[x] if r.state == "done"] for x in stable}
-        seeds = [{r.seed for r in done[x]} for x in stable if done[x]]
-        common = set.intersection(*seeds) if seeds else set()
-        scores = {x: Stat.of([r.final(key) for r in done[x]]) for x in stable}
-        chosen = {
-            x: Stat.of([r.final(key) for r in done[x] if not common or r.seed in common])
-            for x in stable
-        }
-        scored = [x for x in stable if chosen[x].mean is not None]
-        best = min(scored, key=lambda x: chosen[x].mean) if scored else None
+        best, _, common = best_of({x: by_lr[x] for x in lrs}, key)
+        done_at_best = [r for r in by_lr[best] if r.state == "done"] if best is not None else []
+        at_best = Stat.of([r.final(key) for r in done_at_best])
         table.append(
             {
                 "keys": dict(zip(keys, values, strict=True)),
@@ -193,8 +187,8 @@ def stability_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                 "finished_runs": sum(len(verdicts[x]) for x in lrs),
                 "best_lr": best,
                 "interior": best is not None and lrs[0] < best < lrs[-1],
-                "chosen_on": sorted(common),
-                "at_best": scores[best] if best is not None else Stat(None, None, 0),
+                "chosen_on": common,
+                "at_best": at_best,
                 "metric": key,
             }
         )

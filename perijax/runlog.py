@@ -11,9 +11,10 @@ import functools
 import json
 import math
 import re
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from perijax.config import flat_dict
 
@@ -249,6 +250,41 @@ def is_stable(run: RunResult) -> bool | None:
     if run.state != "done":
         return None
     return blew_up_at(run) is None
+
+
+class Best(NamedTuple):
+    """`best_of`'s choice: the group's key (None: no group qualified), its mean final metric
+    on `seeds`, and the seeds the groups were compared on."""
+
+    key: Any
+    mean: float | None
+    seeds: list[int]
+
+
+def best_of(groups: dict[Any, Sequence[RunResult]], metric: str) -> Best:
+    """The best of `groups` of runs (a sweep's runs by learning rate, say): among the groups
+    whose finished runs were all stable (`is_stable`; at least one finished), the lowest mean
+    final `metric`, the first listed on a tie. Groups are compared on the seeds that every such
+    group has finished (all seeds when none is common), so seeds added at one value (a sweep's
+    refine stage) do not make a many-seed mean compete with single lucky runs. `perijax report`
+    and the sweep's refine stage both choose with this rule."""
+    done: dict[Any, list[RunResult]] = {}
+    for key, runs in groups.items():
+        verdicts = [v for v in (is_stable(r) for r in runs) if v is not None]
+        if verdicts and all(verdicts):
+            done[key] = [r for r in runs if r.state == "done"]
+    seeds = [{r.seed for r in runs} for runs in done.values() if runs]
+    common = set.intersection(*seeds) if seeds else set()
+    means = {}
+    for key, runs in done.items():
+        values = [r.final(metric) for r in runs if not common or r.seed in common]
+        values = [v for v in values if is_finite(v)]
+        if values:
+            means[key] = statistics.fmean(values)
+    if not means:
+        return Best(None, None, sorted(common))
+    best = min(means, key=means.get)
+    return Best(best, means[best], sorted(common))
 
 
 def max_abs_series(run: RunResult) -> tuple[list[int], list[float]]:

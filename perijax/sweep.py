@@ -62,10 +62,10 @@ def refine_runs(sweep: Sweep, root: Path) -> tuple[list[Run] | None, list[str]]:
     with one note per setting: which value was best and why.
 
     Settings are the grid's values of every key except `best` and the refine grid's keys, in
-    grid order. Each value of `best` scores the mean final metric of its stable runs (finished
-    without diverging or blowing up, as `perijax report` judges them: report.is_stable); the
-    lowest wins (the first listed on a tie); a setting where no run was stable gets no runs.
-    Runs the grid already has are not repeated.
+    grid order. In each, the value of `best` is chosen as `perijax report` chooses the best
+    learning rate (`runlog.best_of`): the lowest mean final metric among the values whose
+    finished runs were all stable (without diverging or blowing up, report.is_stable); a
+    setting where no value qualifies gets no runs. Runs the grid already has are not repeated.
     """
     refine = sweep.refine
     grid_runs = sweep.runs()
@@ -74,32 +74,26 @@ def refine_runs(sweep: Sweep, root: Path) -> tuple[list[Run] | None, list[str]]:
     if any(run_state(root / r.name) not in FINISHED for r in grid_runs):
         return None, []
     fixed = [k for k in sweep.grids[0] if k != refine.best and k not in refine.grid]
-    settings: dict[tuple, dict[Any, list[float]]] = {}
+    settings: dict[tuple, dict[Any, list[runlog.RunResult]]] = {}
     for run in grid_runs:
-        scores = settings.setdefault(tuple(value_text(run.values[k]) for k in fixed), {})
-        values = scores.setdefault(run.values[refine.best], [])
-        result = runlog.load_run(root / run.name)
-        if runlog.is_stable(result):
-            value = result.final(refine.metric)
-            if value is not None and math.isfinite(value):
-                values.append(value)
+        by_value = settings.setdefault(tuple(value_text(run.values[k]) for k in fixed), {})
+        by_value.setdefault(run.values[refine.best], []).append(runlog.load_run(root / run.name))
     names = {r.name for r in grid_runs}
     runs, notes = [], []
-    for setting, scores in settings.items():
+    for setting, by_value in settings.items():
         label = ",".join(f"{k.rpartition('.')[2]}={v}" for k, v in zip(fixed, setting, strict=True))
-        means = {v: sum(xs) / len(xs) for v, xs in scores.items() if xs}
-        if not means:
+        best = runlog.best_of(by_value, refine.metric)
+        if best.key is None:
             notes.append(f"{label or 'all runs'}: no run was stable, nothing to refine")
             continue
-        best = min(means, key=means.get)
         notes.append(
-            f"{label or 'all runs'}: best {refine.best}={value_text(best)} "
-            f"({refine.metric} {means[best]:.4f})"
+            f"{label or 'all runs'}: best {refine.best}={value_text(best.key)} "
+            f"({refine.metric} {best.mean:.4f})"
         )
         template = next(
             r.values
             for r in grid_runs
-            if r.values[refine.best] == best
+            if r.values[refine.best] == best.key
             and tuple(value_text(r.values[k]) for k in fixed) == setting
         )
         for combo in itertools.product(*refine.grid.values()):

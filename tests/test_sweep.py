@@ -557,6 +557,26 @@ def test_refine_adds_runs_at_each_settings_best_value(tmp_path):
     assert dict(runs[0].overrides)["train.seed"] == "1"
 
 
+def test_refine_skips_a_value_where_any_seed_was_unstable(tmp_path):
+    """On a grid with several seeds a value counts only if every finished run at it was stable,
+    as in `perijax report`'s stability table: lr 0.1 has the lowest loss on seed 0 but blew up
+    on seed 1, so 0.01 is the best."""
+    file = _sweep_file(
+        tmp_path / "seeds.py",
+        "{'base': 'configs/tiny.py', 'grid': {'optim.lr': [0.01, 0.1], 'train.seed': [0, 1]}, "
+        "'refine': {'best': 'optim.lr', 'grid': {'train.seed': [2]}}}",
+    )
+    s = sweep_grid.load_sweep(file)
+    root = tmp_path / "root"
+    outcomes = {(0.01, 0): ("done", 4.0), (0.01, 1): ("done", 4.2), (0.1, 0): ("done", 3.0)}
+    for run in s.runs():
+        key = (run.values["optim.lr"], run.values["train.seed"])
+        _finish(root / run.name, *outcomes.get(key, ("blew up", 3.1)))
+    runs, notes = sweep.refine_runs(s, root)
+    assert [r.name for r in runs] == ["lr=0.01,seed=2"]
+    assert notes == ["all runs: best optim.lr=0.01 (eval/loss 4.1000)"]
+
+
 def test_sweep_runs_the_refine_stage_after_the_grid(tmp_path, capsys):
     """A real tiny sweep: two learning rates, then one more seed at the better one; the rerun
     trains nothing and lists the refine run as done."""
