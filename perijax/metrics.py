@@ -1,5 +1,6 @@
-"""Losses and metric writers: `WORKDIR/metrics.jsonl` (one JSON object per logged step),
-TensorBoard event files and, optionally, Weights & Biases, plus the one-line console progress."""
+"""Metric writers: `WORKDIR/metrics.jsonl` (one JSON object per logged step), TensorBoard event
+files and, optionally, Weights & Biases, plus the one-line console progress and the global norm
+the step reports. What the metrics mean is perijax.telemetry's."""
 
 from __future__ import annotations
 

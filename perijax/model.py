@@ -3,7 +3,10 @@ LayerNorm placement.
 
 Llama-style by default (RoPE, SwiGLU, no biases, optional grouped-query attention). The placement
 (`ModelConfig.ln_placement`) only decides which norms a block creates and where they sit; see
-`perijax.norms.residual` and docs/ln_variants.md.
+`perijax.norms.residual` and docs/ln_variants.md. Training, scoring, telemetry and decoding run
+through one layer loop (`Transformer._layers`): a pass differs only in its `Context` (decoding
+writes to and reads from the KV cache), and the stream statistics are always sown and captured,
+costing nothing where nobody reads them.
 
 Shapes: B batch, T sequence, D d_model, H query heads, K kv heads, Dh head dim, F d_ff, V vocab.
 Every parameter carries `logical_axes` metadata (batch, seq, embed, heads, kv, mlp, vocab) that the
