@@ -1,8 +1,8 @@
 """Stability telemetry in one place: what the forward pass measures of the residual stream
-(`stream_stats`, sown by each block's `StreamProbe` and read back by `pop_stream_stats`), the
-per-layer gradient, update and norm-scale metrics a log step adds (`layer_metrics`), and the
-spike counters every step keeps (`Spikes`, `count_spikes`). The definitions are
-docs/telemetry.md's; the divergence guard uses the same spike test.
+(`stream_stats`, sown by each block's `StreamProbe` and arranged per sublayer by
+`stream_by_sublayer`), the per-layer gradient, update and norm-scale metrics a log step adds
+(`layer_metrics`), and the spike counters every step keeps (`Spikes`, `count_spikes`). The
+definitions are docs/telemetry.md's; the divergence guard uses the same spike test.
 """
 
 from __future__ import annotations
