@@ -116,7 +116,7 @@ class PerijaxLM(TemplateLM):
     ):
         super().__init__()
         from perijax.data.tokenizer import load_tokenizer
-        from perijax.inference import load_model, run_tokenizer
+        from perijax.trained import load_model, run_tokenizer
 
         if not checkpoint:
             raise ConfigError("the perijax model needs checkpoint=PATH in its model_args")
@@ -158,7 +158,7 @@ class PerijaxLM(TemplateLM):
         seed: int = 0,
     ) -> PerijaxLM:
         """An adapter around a model already in memory (a Transformer whose parameters live on
-        `mesh`) and a perijax tokenizer, e.g. `perijax.inference.load_model`'s."""
+        `mesh`) and a perijax tokenizer, e.g. `perijax.trained.load_model`'s."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
         lm._setup(model, tokenizer, mesh, max_length)

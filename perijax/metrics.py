@@ -1,6 +1,6 @@
 """Metric writers: `WORKDIR/metrics.jsonl` (one JSON object per logged step), TensorBoard event
-files and, optionally, Weights & Biases, plus the one-line console progress and the global norm
-the step reports. What the metrics mean is perijax.telemetry's."""
+files and, optionally, Weights & Biases, plus the one-line console progress. What the metrics
+mean is perijax.telemetry's."""
 
 from __future__ import annotations
 
@@ -11,18 +11,8 @@ import os
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from perijax import storage
 from perijax.config import ConfigError
-
-
-def global_norm(tree) -> jax.Array:
-    """L2 norm over every leaf of a pytree, accumulated in float32."""
-    leaves = jax.tree.leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
 
 WANDB_RUN_ID_FILE = "wandb_run_id"  # in the workdir: a resumed run continues the same W&B run
 

@@ -1,7 +1,7 @@
-"""Peak throughput for MFU: the dense bfloat16 peak per chip of known GPUs and TPUs (from
-perijax.plan.ACCELERATORS, matched by jax's `device_kind`), and on CPU the best dense-matmul
-throughput this machine reaches, measured. `perijax bench` divides its model FLOP/s by it
-(docs/performance.md).
+"""Peak throughput for MFU: the dense bfloat16 peak per chip of known GPUs and TPUs
+(`ACCELERATORS`, matched by jax's `device_kind`; `perijax plan` reads their memory too), and on
+CPU the best dense-matmul throughput this machine reaches, measured. `perijax bench` divides its
+model FLOP/s by it (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -13,12 +13,23 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from perijax.plan import ACCELERATORS
-
 Log = Callable[[str], None]
 
+# name: (HBM per chip in GiB, dense bfloat16 peak TFLOP/s per chip)
+ACCELERATORS: dict[str, tuple[float, float]] = {
+    "tpu-v4": (32, 275),
+    "tpu-v5e": (16, 197),
+    "tpu-v5p": (95, 459),
+    "tpu-v6e": (32, 918),
+    "a100-80gb": (80, 312),
+    "h100": (80, 989),
+    "h200": (141, 989),
+}
 
-# jax `device_kind` -> the perijax.plan.ACCELERATORS entry whose dense bfloat16 peak per chip is
+GIB = 1024**3
+
+
+# jax `device_kind` -> the ACCELERATORS entry whose dense bfloat16 peak per chip is
 # used. First match wins. Parts with other clocks or power limits (H100 PCIe, NVL) map to None:
 # their peak is not in the table, so pass --peak-tflops.
 DEVICE_KINDS: tuple[tuple[str, str | None], ...] = (
@@ -49,7 +60,7 @@ PEAK_REPEATS = 5
 
 # ------------------------------------------------------------------------------------- peaks
 def accelerator_peak(device_kind: str) -> str | None:
-    """The perijax.plan.ACCELERATORS name for a jax `device_kind`, or None if unknown."""
+    """The ACCELERATORS name for a jax `device_kind`, or None if unknown."""
     for pattern, name in DEVICE_KINDS:
         if re.search(pattern, device_kind):
             return name

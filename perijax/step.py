@@ -19,10 +19,9 @@ from flax import nnx, struct
 
 from perijax import attention as attention_lib
 from perijax.config import MAX_LOSS_SCALE, Config
-from perijax.metrics import global_norm
 from perijax.model import Transformer, compute_dtype
 from perijax.optim import lr_schedule, make_optimizer
-from perijax.telemetry import Spikes, count_spikes, layer_metrics
+from perijax.telemetry import Spikes, count_spikes, global_norm, layer_metrics
 
 
 @dataclasses.dataclass(frozen=True)

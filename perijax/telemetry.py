@@ -8,21 +8,22 @@ definitions are docs/telemetry.md's; the divergence guard uses the same spike te
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from perijax import checkpoint as checkpoint_lib
-from perijax.metrics import global_norm
 from perijax.norms import NORM_ROLES
 
-if TYPE_CHECKING:
-    from perijax.step import TrainState
-
-
 FP16_MAX = 65504.0
+
+
+def global_norm(tree) -> jax.Array:
+    """L2 norm over every leaf of a pytree, accumulated in float32."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def stream_stats(stream: jax.Array, added: jax.Array) -> dict[str, jax.Array]:
@@ -72,10 +73,11 @@ class Spikes:
     min_history: int = 16
 
 
-def count_spikes(state: TrainState, loss: jax.Array, grad_norm: jax.Array) -> dict:
-    """Spike counters, updated every step: a value above factor x the running median of the last
-    `window` finite values (counted once `min_history` values exist). Every finite step enters
-    the history, applied or not, so a lasting change of level stops counting as spikes."""
+def count_spikes(state: Any, loss: jax.Array, grad_norm: jax.Array) -> dict:
+    """Spike counters of `state` (a perijax.step.TrainState), updated every step: a value above
+    factor x the running median of the last `window` finite values (counted once `min_history`
+    values exist). Every finite step enters the history, applied or not, so a lasting change of
+    level stops counting as spikes."""
     sp = state.spikes
     ready = state.history_count >= sp.min_history
     grad_spike = ready & (grad_norm > sp.grad_factor * jnp.nanmedian(state.grad_history))
@@ -112,8 +114,9 @@ def _group(path: str) -> str:
     return "other"
 
 
-def layer_metrics(state: TrainState, grads: Any, params: Any, stats: dict) -> dict[str, jax.Array]:
-    """Per-layer stability metrics (docs/telemetry.md). Keys holding "{}" are [L] arrays that the
+def layer_metrics(state: Any, grads: Any, params: Any, stats: dict) -> dict[str, jax.Array]:
+    """Per-layer stability metrics (docs/telemetry.md) of the step from `state` (a
+    perijax.step.TrainState) to `params`. Keys holding "{}" are [L] arrays that the
     host expands to one metric per layer (`stability/resid_var/07/attn`)."""
     model_cfg = nnx.merge(state.graphdef, state.params).cfg
     scanned, num_layers = model_cfg.scan_layers, model_cfg.num_layers

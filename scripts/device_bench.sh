@@ -104,7 +104,7 @@ import flax
 import jax
 import jaxlib
 
-import perijax.bench  # noqa: F401  (the whole import chain of the benchmark)
+import perijax.cli.bench  # noqa: F401  (the whole import chain of the benchmark)
 import perijax.train  # noqa: F401
 
 print(f"python {sys.version.split()[0]}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
@@ -163,7 +163,7 @@ try_bench() { # size placements warmup steps per_gpu -> 0 if every placement ran
   local name="bench-$size-b$per_gpu"
   say "perijax bench configs/paper.py:size=$size ($placements), $per_gpu x $SEQ_LEN per GPU"
   set +e
-  timeout --kill-after=20 "$PER_TRY_TIMEOUT" "$PYTHON" -u -m perijax.bench \
+  timeout --kill-after=20 "$PER_TRY_TIMEOUT" "$PYTHON" -u -m perijax.cli.bench \
     --config "configs/paper.py:size=$size" --placements "$placements" \
     --warmup "$warmup" --steps "$steps" --json "$OUT/$name.json" \
     --config.model.dtype=bfloat16 --config.model.attention="$ATTENTION" "${remat_args[@]}" \

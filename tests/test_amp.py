@@ -18,7 +18,7 @@ from perijax import config as config_lib
 from perijax import step as step_lib
 from perijax import train as train_lib
 from perijax.config import ConfigError
-from perijax.metrics import global_norm
+from perijax.telemetry import global_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {

@@ -14,9 +14,10 @@ import jax
 import pytest
 from jax import monitoring
 
-from perijax import bench, cli, config, flops, peaks
+from perijax import cli, config, flops, peaks
 from perijax import config as config_lib
 from perijax import train as train_lib
+from perijax.cli import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {

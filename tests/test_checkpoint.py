@@ -298,7 +298,7 @@ def test_refused_relaunch_leaves_every_file_of_the_workdir_byte_identical(tmp_pa
 
 
 def test_resume_with_changed_settings_keeps_the_first_config_and_a_history(tmp_path):
-    from perijax import runlog
+    from perijax.experiments import runlog
 
     train_lib.train(config(), tmp_path, log=stop_at(2))  # stops at step 3
     first = (tmp_path / "config.json").read_bytes()

@@ -1,5 +1,6 @@
-"""Tests for `perijax prepare` (perijax.data.prepare): formats, tokenizers, the on-disk format,
-parallel determinism, resume, and one-line messages for every kind of bad input."""
+"""Tests for `perijax prepare` (perijax.data.prepare, perijax.cli.prepare): formats, tokenizers,
+the on-disk format, parallel determinism, resume, and one-line messages for every kind of bad
+input."""
 
 import gzip
 import json
@@ -12,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from perijax.cli.prepare import main
 from perijax.data import open_datasets, open_prepared
 from perijax.data.inputs import is_val
-from perijax.data.prepare import main, prepare
+from perijax.data.prepare import prepare
 from perijax.data.shards import PROGRESS_DIR
 from perijax.data.tokenizer import load_tokenizer
 
@@ -170,12 +172,12 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path, capsys, monkeypatch):
 def test_prepare_parser_registers_as_a_subcommand():
     import argparse
 
-    from perijax.data.prepare import add_prepare_parser
+    from perijax.cli.prepare import add_parser
 
     parser = argparse.ArgumentParser(prog="perijax")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("train")
-    add_prepare_parser(sub)
+    add_parser(sub)
     args = parser.parse_args(["prepare", "a.jsonl", "b/", "--out", "ds", "--workers", "3"])
     assert (args.command, args.inputs, args.out, args.workers) == ("prepare", ["a.jsonl", "b/"],
                                                                    "ds", 3)  # fmt: skip
@@ -277,7 +279,7 @@ def test_worker_count_does_not_change_the_shards(tmp_path, jsonl, capsys):
     common = ["--tokenizer", "cl100k_base", "--shard-mb", "0.005", "--val-fraction", "0.1"]
     assert _run(capsys, str(path), "--out", str(tmp_path / "w1"), "--workers", "1", *common)[0] == 0
     # Two spawned worker processes, through the module's command line.
-    cmd = [sys.executable, "-m", "perijax.data.prepare", str(path), "--out", str(tmp_path / "w2")]
+    cmd = [sys.executable, "-m", "perijax.cli.prepare", str(path), "--out", str(tmp_path / "w2")]
     result = subprocess.run(
         cmd + ["--workers", "2", *common], capture_output=True, text=True, cwd=tmp_path
     )

@@ -25,9 +25,10 @@ from flax import nnx  # noqa: E402
 from perijax import config as config_lib  # noqa: E402
 from perijax import evaluate as eval_lib  # noqa: E402
 from perijax import train as train_lib  # noqa: E402
+from perijax.cli import eval as eval_cli  # noqa: E402
 from perijax.data.corpus import TokenData  # noqa: E402
 from perijax.data.datasets import Datasets  # noqa: E402
-from perijax.inference import load_model, run_tokenizer  # noqa: E402
+from perijax.trained import load_model, run_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "data" / "lm_eval"
@@ -129,8 +130,8 @@ def test_eval_windows_and_padding_match_a_direct_forward(run):
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="perijax")
-    eval_lib.add_parser(parser.add_subparsers(dest="command"))
-    return eval_lib.run(parser.parse_args(argv))
+    eval_cli.add_parser(parser.add_subparsers(dest="command"))
+    return eval_cli.run(parser.parse_args(argv))
 
 
 def test_cli_reports_loss_and_writes_json(run, tmp_path, capsys):

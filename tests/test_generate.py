@@ -126,7 +126,7 @@ def test_generate_command_on_a_checkpoint(tmp_path, capsys):
     from perijax import cli
     from perijax import config as config_lib
     from perijax import train as train_lib
-    from perijax.inference import load_model
+    from perijax.trained import load_model
 
     root = Path(__file__).resolve().parents[1]
     overrides = {

@@ -19,10 +19,11 @@ from perijax import cli, hf
 from perijax import config as config_lib
 from perijax import train as train_lib
 from perijax.checkpoint import unflatten
+from perijax.cli import hf as hf_cli
 from perijax.config import ConfigError, ModelConfig
 from perijax.generate import generate
-from perijax.inference import load_model, params_numpy
 from perijax.model import Transformer
+from perijax.trained import load_model, params_numpy
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -408,9 +409,9 @@ def test_bytes_tokenizer_is_skipped_with_a_note(tmp_path):
 def perijax(argv: list[str]) -> int:
     """`perijax export|import ...` through hf's own parsers and entry points."""
     parser = argparse.ArgumentParser(prog="perijax")
-    hf.add_parsers(parser.add_subparsers(dest="command"))
+    hf_cli.add_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
-    return {"export": hf.run_export, "import": hf.run_import}[args.command](args)
+    return {"export": hf_cli.run_export, "import": hf_cli.run_import}[args.command](args)
 
 
 @pytest.fixture(scope="module")

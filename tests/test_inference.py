@@ -1,4 +1,4 @@
-"""perijax.inference: parameters written as a checkpoint load back bit-exactly; a workdir that
+"""perijax.trained: parameters written as a checkpoint load back bit-exactly; a workdir that
 already holds checkpoints is refused instead of silently keeping the old ones."""
 
 from pathlib import Path
@@ -10,8 +10,8 @@ from flax import nnx
 
 from perijax import config as config_lib
 from perijax.config import ConfigError
-from perijax.inference import load_model, params_numpy, write_checkpoint
 from perijax.model import Transformer
+from perijax.trained import load_model, params_numpy, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from perijax.launchers import common, slurm, tpu, tpu_cli
+from perijax.launchers import common, slurm, tpu, tpu_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "launching.md"
@@ -36,11 +36,11 @@ def generated_scripts() -> dict[str, str]:
     return {
         "batch.sbatch": slurm.batch_script(job, SHARED_TRAIN),
         "array.sbatch": array,
-        "tpu-run.sh": bash + tpu.run_script(SHARED_TRAIN, run_name="x", env=[("A", "b c")]),
-        "tpu-run-detached.sh": bash + tpu.run_script(SHARED_TRAIN, run_name="x", detach=True),
-        "tpu-install.sh": bash + tpu.install_script("python3.11"),
-        "tpu-stop.sh": bash + tpu.STOP_SCRIPT,
-        "tpu-logs.sh": bash + tpu.logs_script(None),
+        "tpu-run.sh": bash + tpu_steps.run_script(SHARED_TRAIN, run_name="x", env=[("A", "b c")]),
+        "tpu-run-detached.sh": bash + tpu_steps.run_script(SHARED_TRAIN, run_name="x", detach=True),
+        "tpu-install.sh": bash + tpu_steps.install_script("python3.11"),
+        "tpu-stop.sh": bash + tpu_steps.STOP_SCRIPT,
+        "tpu-logs.sh": bash + tpu_steps.logs_script(None),
     }
 
 
@@ -125,7 +125,7 @@ def test_doc_recipes_pass_the_launchers_checks():
     launches = [c for c in doc_commands() if c[:1] == ["perijax"] and c[1].startswith("launch-")]
     assert len(launches) >= 9
     for argv in launches:
-        main = slurm.main if argv[1] == "launch-slurm" else tpu_cli.main
+        main = slurm.main if argv[1] == "launch-slurm" else tpu.main
         args = argv[2:]
         cut = args.index("--") if "--" in args else len(args)
         buf = io.StringIO()

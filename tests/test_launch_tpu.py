@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from perijax.launchers import tpu, tpu_cli
+from perijax.launchers import tpu, tpu_steps
 
 WHERE = ["--zone", "us-west4-a", "--project", "my-proj"]
 V5E_TRAIN = [
@@ -41,7 +41,7 @@ if marker and any("exec " in a for a in sys.argv) and not os.path.exists(marker)
 
 
 def launch(args, capsys):
-    code = tpu_cli.main(args)
+    code = tpu.main(args)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -85,11 +85,11 @@ def fake_gcloud(tmp_path, monkeypatch):
      ("v6e-16", "v6e-16", 16, 4), ("v6e-8", "v6e-8", 8, 1), ("v6e-256", "v6e-256", 256, 64)],
 )  # fmt: skip
 def test_slice_types_have_their_chips_and_hosts(text, name, chips, hosts):
-    t = tpu.tpu_type(text)
+    t = tpu_steps.tpu_type(text)
     assert (t.name, t.chips, t.hosts) == (name, chips, hosts)
     for bad in ("v5p-12", "v5e-12", "v3-8", "v6e"):
-        with pytest.raises(tpu.LaunchError, match="accelerator-type"):
-            tpu.tpu_type(bad)
+        with pytest.raises(tpu_steps.LaunchError, match="accelerator-type"):
+            tpu_steps.tpu_type(bad)
 
 
 def test_run_starts_the_command_on_all_workers(capsys):
@@ -240,7 +240,7 @@ def test_restart_on_preemption_recreates_reinstalls_and_resumes(tmp_path, capsys
 def test_per_run_commands_one_line_per_run():
     runs = [f"perijax train --workdir gs://b/sweep/lr{lr} --config.optim.lr={lr} "
             "--config.mesh.data=1 --config.mesh.fsdp=-1" for lr in ("1e-3", "3e-3")]  # fmt: skip
-    lines = tpu.per_run_commands(runs, name="peri", zone="us-west4-a", project="p",
+    lines = tpu_steps.per_run_commands(runs, name="peri", zone="us-west4-a", project="p",
                                  accelerator_type="v5e-16", names=["peri-a", "peri-b"])  # fmt: skip
     assert len(lines) == 2
     for line, run, name in zip(lines, runs, ["peri-a", "peri-b"], strict=True):
@@ -249,8 +249,8 @@ def test_per_run_commands_one_line_per_run():
         argv = shlex.split(ssh)
         assert argv[5] == name and "--worker=all" in argv
         assert f"exec {run} )" in flag(argv, "--command")
-    with pytest.raises(tpu.LaunchError, match="share a --workdir"):
-        tpu.per_run_commands([runs[0], runs[0]], name="peri", zone="z", project="p",
+    with pytest.raises(tpu_steps.LaunchError, match="share a --workdir"):
+        tpu_steps.per_run_commands([runs[0], runs[0]], name="peri", zone="z", project="p",
                              accelerator_type="v5e-16")  # fmt: skip
 
 
@@ -268,7 +268,9 @@ def test_worker_scripts_log_record_the_pid_and_stop_with_a_checkpoint(tmp_path):
         time.sleep(60)
     """)  # fmt: skip
     env = {**os.environ, "HOME": str(tmp_path)}
-    script = tpu.run_script([sys.executable, "-c", trainer], run_name="r1", setup=(), detach=True)
+    script = tpu_steps.run_script(
+        [sys.executable, "-c", trainer], run_name="r1", setup=(), detach=True
+    )
     started = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert started.returncode == 0 and "started, log" in started.stdout, started.stderr
     logs = tmp_path / "perijax-logs"
@@ -278,7 +280,7 @@ def test_worker_scripts_log_record_the_pid_and_stop_with_a_checkpoint(tmp_path):
     assert (logs / "current.pid").read_text().strip() == (tmp_path / "pid").read_text()
     assert (logs / "current.log").resolve() == (logs / "r1.log").resolve()
     stopped = subprocess.run(
-        ["bash", "-c", tpu.STOP_SCRIPT], env=env, capture_output=True, text=True
+        ["bash", "-c", tpu_steps.STOP_SCRIPT], env=env, capture_output=True, text=True
     )
     assert "sent SIGTERM" in stopped.stdout
     pid = int((tmp_path / "pid").read_text())
@@ -293,7 +295,7 @@ def test_worker_scripts_log_record_the_pid_and_stop_with_a_checkpoint(tmp_path):
 
     # Foreground: output streamed to stdout and kept in the log; the trainer's exit status is
     # the script's.
-    fg = tpu.run_script([sys.executable, "-c", "print('hi'); raise SystemExit(3)"],
+    fg = tpu_steps.run_script([sys.executable, "-c", "print('hi'); raise SystemExit(3)"],
                         run_name="r2", setup=())  # fmt: skip
     done = subprocess.run(["bash", "-c", fg], env=env, capture_output=True, text=True)
     assert done.returncode == 3 and done.stdout == "hi\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from perijax import config as config_lib
-from perijax.plan import format_report, plan
+from perijax.cli.plan import format_report, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {

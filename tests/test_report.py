@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perijax import report, report_figures, runlog
+from perijax.experiments import figures as report_figures
+from perijax.experiments import report, runlog
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = 4

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from perijax import cli, commandline, sweep, sweep_grid
+from perijax import cli
 from perijax import config as config_lib
 from perijax import train as train_lib
+from perijax.cli import common as commandline
 from perijax.config import to_dict
+from perijax.experiments import grid as sweep_grid
+from perijax.experiments import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "sweeps" / "smoke.py")

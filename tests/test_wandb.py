@@ -12,8 +12,8 @@ import pytest
 
 from perijax import cli
 from perijax.config import Config, ConfigError, to_dict
+from perijax.experiments.runlog import read_metrics
 from perijax.metrics import WANDB_RUN_ID_FILE, MetricWriter
-from perijax.runlog import read_metrics
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402

@@ -1,6 +1,7 @@
 """Hugging Face Transformers interoperability: `perijax export` writes a checkpoint as a folder that
 `transformers.AutoModelForCausalLM.from_pretrained` loads with no custom code; `perijax import`
-turns such a folder back into a perijax checkpoint that `perijax train --restore` continues.
+turns such a folder back into a perijax checkpoint that `perijax train --restore` continues
+(their command line: perijax.cli.hf).
 
     perijax export runs/tiny/checkpoints/500 --out hf/tiny-peri          # Glm4ForCausalLM
     perijax export runs/tiny --out hf/tiny-gemma2 --target gemma2        # Gemma2ForCausalLM
@@ -26,7 +27,6 @@ extra), so neither export nor import needs torch or transformers; only the tests
 with transformers.
 """
 
-from perijax.hf.commands import add_parsers, run_export, run_import
 from perijax.hf.export import export
 from perijax.hf.files import cl100k_tokenizer_json, hf_config, write_tokenizer_files
 from perijax.hf.importing import HF_DEFAULTS, import_hf, model_config_from_hf
@@ -43,7 +43,6 @@ __all__ = [
     "HF_DEFAULTS",
     "TARGETS",
     "Target",
-    "add_parsers",
     "cl100k_tokenizer_json",
     "export",
     "from_hf_tensors",
@@ -53,8 +52,6 @@ __all__ = [
     "read_hf_weights",
     "read_safetensors",
     "resolve_target",
-    "run_export",
-    "run_import",
     "to_hf_tensors",
     "write_safetensors",
     "write_tokenizer_files",

@@ -39,12 +39,12 @@ def export(
 
     Args:
       model_or_params: a perijax Transformer, its nnx.State, or a flat {name: array} dict
-        (perijax.inference.params_numpy), any param dtype, scanned or per-layer layout.
+        (perijax.trained.params_numpy), any param dtype, scanned or per-layer layout.
       cfg: the run's Config (its data.seq_len becomes max_position_embeddings) or a ModelConfig.
       out_dir: the folder to write; written to a temporary sibling and renamed at the end.
       target: "auto" (Llama / Qwen 3 / GLM-4 / Gemma 3 / OLMo 2 by placement and qk_norm) or a
         name in TARGETS, e.g. "gemma2" for a Peri-LN model without QK-norm.
-      tokenizer: a perijax.data.tokenizer.Tokenizer (perijax.inference.run_tokenizer(cfg)): its
+      tokenizer: a perijax.data.tokenizer.Tokenizer (perijax.trained.run_tokenizer(cfg)): its
         end-of-document id becomes bos/eos/pad; tokenizer.json and cl100k_base are written,
         bytes is skipped with a note.
       dtype: "float32" or "bfloat16" for the matmul weights (norm weights stay float32).

@@ -231,7 +231,7 @@ def import_hf(
         tensor, or a non-empty `out_workdir` without `force`. Nothing is written then.
     """
     from perijax.config import resolve
-    from perijax.inference import write_checkpoint
+    from perijax.trained import write_checkpoint
 
     safetensors_numpy()  # the `hf` extra, checked before anything else
     hf_dir, out = Path(hf_dir), Path(out_workdir)

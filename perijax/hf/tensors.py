@@ -72,7 +72,7 @@ def read_hf_weights(hf_dir: str | Path) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------- parameter conversion
 def flat_params(model_or_params: Any) -> dict[str, np.ndarray]:
     """{'blocks.0.attn.wq': float32 array, ...} from a Transformer, an nnx.State, or a flat dict
-    (e.g. perijax.inference.params_numpy(model)); a `params.` prefix is dropped."""
+    (e.g. perijax.trained.params_numpy(model)); a `params.` prefix is dropped."""
     import jax
     from flax import nnx
 

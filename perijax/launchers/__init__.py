@@ -16,7 +16,7 @@ import argparse
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Registers launch-slurm and launch-tpu on the `perijax` command's subparsers."""
-    from perijax.launchers import slurm, tpu_cli
+    from perijax.launchers import slurm, tpu
 
     slurm.add_parser(sub)
-    tpu_cli.add_parser(sub)
+    tpu.add_parser(sub)

@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from perijax.commandline import fail, split_overrides, train_parser
+from perijax.cli.common import fail, split_overrides
+from perijax.cli.train import train_parser
 
 # Directories that are local to one machine on every cluster we target: a multi-host run whose
 # workdir is here would leave each host with its own partial checkpoints.

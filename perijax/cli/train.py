@@ -1,52 +1,18 @@
-"""What every `perijax` subcommand shares: the one error path (one line on stderr, an exit
-status), the `--config.SECTION.KEY=VALUE` override syntax, and the `train` command itself, which
-the launchers also parse. `perijax.cli` assembles the subcommands on top of this module; library
-modules never import `perijax.cli`.
+"""`perijax train`: its arguments (which the launchers also parse, `train_parser`) and its entry
+point around `perijax.train.train`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-DEFAULT_CONFIG = "configs/tiny.py"
+from perijax.cli.common import DEFAULT_CONFIG, fail
 
 
-def fail(message: str, code: int = 2) -> int:
-    """Prints `perijax: error: MESSAGE` (one line) to stderr and returns the exit status: 2 for
-    bad input, before anything was computed or written."""
-    print(f"perijax: error: {message}", file=sys.stderr)
-    return code
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments
-    (everything after a bare `--` is left alone, for launch-local). Raises ValueError for an
-    override without a value."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            rest.extend(argv[i:])
-            break
-        if arg.startswith("--config."):
-            key, sep, value = arg[len("--config.") :].partition("=")
-            if not sep:
-                if i + 1 >= len(argv):
-                    raise ValueError(f"--config.{key} needs a value: --config.{key}=VALUE")
-                value, i = argv[i + 1], i + 1
-            overrides.append((key, value))
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
-
-
-def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a model",
@@ -77,7 +43,7 @@ def train_parser() -> argparse.ArgumentParser:
     """A standalone parser of `train`'s arguments (the launchers check a launched command with
     it); a malformed argument raises argparse.ArgumentError instead of exiting."""
     parser = argparse.ArgumentParser(prog="perijax", exit_on_error=False)
-    train = add_train_parser(parser.add_subparsers(dest="command"))
+    train = add_parser(parser.add_subparsers(dest="command"))
     train.exit_on_error = False
     return train
 
@@ -87,7 +53,7 @@ def _default_workdir(spec: str) -> str:
     return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def run_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     """Entry point of `perijax train`: 2 for bad input, 3 when training diverged, 130 when
     interrupted."""
     from perijax import config as config_lib

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 
-from perijax.commandline import fail
+from perijax.cli.common import fail
 
 
 def free_port() -> int:

@@ -21,17 +21,7 @@ import json
 import math
 import time
 
-# name: (HBM per chip in GiB, dense bfloat16 peak TFLOP/s per chip)
-ACCELERATORS: dict[str, tuple[float, float]] = {
-    "tpu-v4": (32, 275),
-    "tpu-v5e": (16, 197),
-    "tpu-v5p": (95, 459),
-    "tpu-v6e": (32, 918),
-    "a100-80gb": (80, 312),
-    "h100": (80, 989),
-    "h200": (141, 989),
-}
-GIB = 1024**3
+from perijax.peaks import ACCELERATORS, GIB
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -201,7 +191,7 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     import jax
 
     from perijax import config as config_lib
-    from perijax.commandline import fail
+    from perijax.cli.common import fail
     from perijax.config import ConfigError
 
     if args.devices < 1:

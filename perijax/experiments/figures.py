@@ -15,21 +15,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from perijax.report import (
+from perijax.experiments.runlog import (
     FP16_MAX,
     GAMMA_NAMES,
     GRAD_NORM_LAYER,
-    group_keys,
-    sort_value,
-)
-from perijax.runlog import (
     RunResult,
+    group_keys,
     is_finite,
     is_stable,
     layer_values,
     max_abs_series,
     rows_with,
     series,
+    sort_value,
 )
 
 

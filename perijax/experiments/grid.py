@@ -1,7 +1,7 @@
 """Sweep files: a base config, fixed overrides, a grid (or a list of grids) expanded into named
 runs, and an optional refine stage (docs/experiments.md). Loading checks everything a sweep file
-can get wrong, with one-line errors, before anything runs; `perijax sweep` (perijax.sweep) runs
-what this module describes.
+can get wrong, with one-line errors, before anything runs; `perijax sweep`
+(perijax.experiments.sweep) runs what this module describes.
 """
 
 from __future__ import annotations

@@ -41,10 +41,9 @@ from typing import Any
 
 from perijax import __version__
 from perijax import config as config_lib
-from perijax.commandline import fail, split_overrides
+from perijax.cli.common import fail, split_overrides
 from perijax.config import Config, ConfigError, to_dict
-from perijax.peaks import PEAK_SIZES, resolve_peak
-from perijax.plan import GIB
+from perijax.peaks import GIB, PEAK_SIZES, resolve_peak
 
 # `--placements all` (every perijax.config.PLACEMENTS entry), in the order of the first round.
 ALL_PLACEMENTS = ("pre", "peri", "post", "output")
@@ -620,7 +619,7 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m perijax.bench ...`: the same as `perijax bench ...`."""
+    """`python -m perijax.cli.bench ...`: the same as `perijax bench ...`."""
     try:
         rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     except ValueError as e:

@@ -15,7 +15,7 @@ has the recipes.
 
 Over 500 lines on purpose: running, resuming and emitting a sweep share the on-disk rules (run
 names, status.json, sweep.json, what makes an existing run comparable); the grid syntax itself
-lives in perijax.sweep_grid.
+lives in perijax.experiments.grid.
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from perijax import runlog
-from perijax.commandline import fail
+from perijax.cli.common import fail
 from perijax.config import TRACKING_KEYS, ConfigError
-from perijax.launchers.common import LaunchError
-from perijax.sweep_grid import (
+from perijax.experiments import runlog
+from perijax.experiments.grid import (
     Run,
     Sweep,
     build_configs,
@@ -46,6 +45,7 @@ from perijax.sweep_grid import (
     select,
     value_text,
 )
+from perijax.launchers.common import LaunchError
 
 STATUS_FILE = "status.json"
 SWEEP_FILE = "sweep.json"
@@ -245,7 +245,7 @@ def run_commands(
     Each line builds exactly the config the sequential sweep would (same overrides, same order)
     and resumes from its workdir's checkpoints when relaunched. The cluster launchers wrap these
     lines: `perijax.launchers.slurm.array_job_script(lines, ...)` (one array task per run) and
-    `perijax.launchers.tpu`'s per-run command lines.
+    `perijax.launchers.tpu_steps`'s per-run command lines.
     """
     root = Path(root)
     lines = []

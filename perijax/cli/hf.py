@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from perijax.commandline import fail
+from perijax.cli.common import fail
 from perijax.config import ConfigError
 from perijax.hf.export import export
 from perijax.hf.files import check_out
@@ -68,7 +68,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> int:
     """`perijax export`: bad input is one line on stderr and exit status 2."""
     from perijax.checkpoint import CheckpointError
-    from perijax.inference import load_model, read_config, run_tokenizer
+    from perijax.trained import load_model, read_config, run_tokenizer
 
     if overrides:
         return fail("export takes no --config.* overrides (the checkpoint carries its config)")

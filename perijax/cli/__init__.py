@@ -12,6 +12,8 @@ the library.
     perijax eval CHECKPOINT [--tasks ...]                           (docs/eval_export.md)
     perijax export CHECKPOINT --out DIR / perijax import HF_DIR --out WORKDIR
 
+Each subcommand is a module of this package, or of perijax.experiments (sweep, report) and
+perijax.launchers (launch-local, launch-slurm, launch-tpu), with `add_parser(sub)` and `run`.
 Errors in the user's input print one line to stderr and exit with status 2, before anything is
 computed or written.
 """
@@ -22,13 +24,17 @@ import argparse
 import sys
 
 from perijax import __version__
-from perijax.commandline import DEFAULT_CONFIG, add_train_parser, fail, run_train, split_overrides
+from perijax.cli.common import DEFAULT_CONFIG, fail, split_overrides
 
 __all__ = ["DEFAULT_CONFIG", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from perijax import bench, evaluate, generate, hf, launch, launchers, plan, report, sweep
+    from perijax import launchers
+    from perijax.cli import bench, generate, hf, plan, prepare, train
+    from perijax.cli import eval as eval_cli
+    from perijax.experiments import report, sweep
+    from perijax.launchers import local
 
     parser = argparse.ArgumentParser(
         prog="perijax",
@@ -37,19 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"perijax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_train_parser(sub)
+    train.add_parser(sub)
     plan.add_parser(sub)
     bench.add_parser(sub)
-    launch.add_parser(sub)
+    local.add_parser(sub)
     launchers.add_parsers(sub)
     sweep.add_parser(sub)
     report.add_parser(sub)
     generate.add_parser(sub)
-    evaluate.add_parser(sub)
+    eval_cli.add_parser(sub)
     hf.add_parsers(sub)
-    from perijax.data import prepare
-
-    prepare.add_prepare_parser(sub)
+    prepare.add_parser(sub)
     return parser
 
 
@@ -79,49 +83,27 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"perijax {args.command} takes no --config.{key}: it uses the checkpoint's")
     if hasattr(args, "launcher"):  # launch-slurm, launch-tpu (perijax/launchers)
         return args.launcher(args, overrides)
-    if args.command == "train":
-        return run_train(args, overrides)
-    if args.command == "sweep":
-        from perijax import sweep
+    from perijax.cli import bench, generate, hf, plan, prepare, train
+    from perijax.cli import eval as eval_cli
+    from perijax.experiments import report, sweep
+    from perijax.launchers import local
 
-        return sweep.run(args, overrides)
-    if args.command == "report":
-        from perijax import report
-
-        return report.run(args, overrides)
-    if args.command == "plan":
-        from perijax import plan
-
-        return plan.run(args, overrides)
-    if args.command == "launch-local":
-        from perijax import launch
-
-        return launch.run(args)
-    if args.command == "bench":
-        from perijax import bench
-
-        return bench.run(args, overrides)
-    if args.command == "export":
-        from perijax import hf
-
-        return hf.run_export(args)
-    if args.command == "import":
-        from perijax import hf
-
-        return hf.run_import(args, overrides)
-    if args.command == "eval":
-        from perijax import evaluate
-
-        return evaluate.run(args)
-    if args.command == "generate":
-        from perijax import generate
-
-        return generate.run(args)
-    if args.command == "prepare":
-        from perijax.data import prepare
-
-        return prepare.run_prepare(args)
-    return fail(f"unknown command {args.command!r}")
+    commands = {
+        "train": lambda: train.run(args, overrides),
+        "sweep": lambda: sweep.run(args, overrides),
+        "report": lambda: report.run(args, overrides),
+        "plan": lambda: plan.run(args, overrides),
+        "launch-local": lambda: local.run(args),
+        "bench": lambda: bench.run(args, overrides),
+        "export": lambda: hf.run_export(args),
+        "import": lambda: hf.run_import(args, overrides),
+        "eval": lambda: eval_cli.run(args),
+        "generate": lambda: generate.run(args),
+        "prepare": lambda: prepare.run(args),
+    }
+    if args.command not in commands:
+        return fail(f"unknown command {args.command!r}")
+    return commands[args.command]()
 
 
 if __name__ == "__main__":

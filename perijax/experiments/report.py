@@ -8,8 +8,7 @@ and the paper's figures as PNGs.
 Reads only WORKDIR/{config.json, metrics.jsonl, status.json}; needs no JAX. A figure whose metrics
 no run has is skipped with a note. docs/experiments.md lists which metrics each figure reads.
 
-Just over 500 lines: the tables; the figures are perijax.report_figures and reading runs back is
-perijax.runlog.
+The figures are perijax.experiments.figures and reading runs back is perijax.experiments.runlog.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
 import math
 import re
 import statistics
@@ -26,37 +24,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from perijax.commandline import fail
-from perijax.config import TRACKING_KEYS
-from perijax.runlog import (
+from perijax.cli.common import fail
+from perijax.experiments.runlog import (
     BLOWUP_FACTOR,
+    GRAD_NORM_LAYER,
+    GROUP_KEYS,
     RunResult,
     best_of,
     blew_up_at,
     find_runs,
+    group_keys,
     initial_loss,
     is_finite,
     is_stable,
     layer_values,
     max_abs_series,
     rows_with,
+    sort_value,
     sweep_run_names,
-)
-
-PLACEMENTS = ("pre", "post", "peri", "output")
-FP16_MAX = 65504.0  # largest finite float16
-GROUP_KEYS = ("model.ln_placement", "optim.lr")
-# Keys that may differ between the runs of one experiment without making them different
-# experiments (seeds are aggregated; the rest only say how a run was executed).
-NOT_GROUPED = ("train.seed", "data.cache_dir", "data.num_threads", "data.prefetch", *TRACKING_KEYS)
-NOT_GROUPED_SECTIONS = ("checkpoint", "mesh", "distributed")
-GAMMA_NAMES = (
-    "attn_input",
-    "attn_output",
-    "mlp_input",
-    "mlp_output",
-    "attn_residual",
-    "mlp_residual",
 )
 
 
@@ -83,28 +68,6 @@ class Stat:
         if self.std is None:
             return f"{self.mean:.{digits}f} (n=1)"
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} (n={self.n})"
-
-
-def group_keys(runs: Sequence[RunResult]) -> list[str]:
-    """ln_placement and lr, then every other config key whose value differs between the runs
-    (e.g. a swept depth), except the seed and execution settings: runs that differ only in
-    those are repeats of one experiment."""
-    keys = list(GROUP_KEYS)
-    all_keys = sorted({k for r in runs for k in r.config})
-    for key in all_keys:
-        if key in keys or key in NOT_GROUPED or key.split(".")[0] in NOT_GROUPED_SECTIONS:
-            continue
-        if len({json.dumps(r.config[key]) for r in runs if key in r.config}) > 1:
-            keys.append(key)
-    return keys
-
-
-def sort_value(key: str, value: Any) -> tuple:
-    if key == "model.ln_placement" and value in PLACEMENTS:
-        return (0, PLACEMENTS.index(value), "")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (1, float(value), "")
-    return (2, 0.0, str(value))
 
 
 def summarize(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
@@ -258,7 +221,6 @@ def write_stability_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
             )
 
 
-GRAD_NORM_LAYER = re.compile(r"^stability/grad_norm/(\d+)$")
 RESID_VAR_LAYER = re.compile(r"^stability/resid_var/(\d+)/mlp$")
 
 
@@ -410,9 +372,9 @@ def report(
         have = ", ".join(f"{x:g}" for x in lrs) or "none"
         raise ValueError(f"--lr {lr:g}: no run has that learning rate (runs have: {have})")
     if figures:
-        from perijax import report_figures
+        from perijax.experiments import figures as figures_lib
 
-        report_figures.require_matplotlib()  # before anything is written
+        figures_lib.require_matplotlib()  # before anything is written
     out = Path(out) if out is not None else directory / "report"
     out.mkdir(parents=True, exist_ok=True)
     groups = summarize(runs)
@@ -421,7 +383,7 @@ def report(
     edge = stability_markdown(stability)
     notes = _run_notes(runs, directory)
     if figures:
-        notes += report_figures.make_figures(runs, out, lr)
+        notes += figures_lib.make_figures(runs, out, lr)
     body = io.StringIO()
     body.write(f"# Report: {directory}\n\n{table}\n\n")
     body.write(

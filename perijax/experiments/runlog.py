@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from perijax.config import flat_dict
+from perijax.config import PLACEMENTS, TRACKING_KEYS, flat_dict
 
 
 # ------------------------------------------------------------------------------ metric files
@@ -312,3 +312,54 @@ def layer_values(row: dict[str, Any], pattern: re.Pattern) -> dict[int, float]:
 
 def rows_with(run: RunResult, pattern: re.Pattern) -> list[dict[str, Any]]:
     return [r for r in run.rows if any(pattern.match(k) for k in r)]
+
+
+
+
+FP16_MAX = 65504.0  # largest finite float16
+
+
+GROUP_KEYS = ("model.ln_placement", "optim.lr")
+
+
+# Keys that may differ between the runs of one experiment without making them different
+# experiments (seeds are aggregated; the rest only say how a run was executed).
+NOT_GROUPED = ("train.seed", "data.cache_dir", "data.num_threads", "data.prefetch", *TRACKING_KEYS)
+
+
+NOT_GROUPED_SECTIONS = ("checkpoint", "mesh", "distributed")
+
+
+GAMMA_NAMES = (
+    "attn_input",
+    "attn_output",
+    "mlp_input",
+    "mlp_output",
+    "attn_residual",
+    "mlp_residual",
+)
+
+
+def group_keys(runs: Sequence[RunResult]) -> list[str]:
+    """ln_placement and lr, then every other config key whose value differs between the runs
+    (e.g. a swept depth), except the seed and execution settings: runs that differ only in
+    those are repeats of one experiment."""
+    keys = list(GROUP_KEYS)
+    all_keys = sorted({k for r in runs for k in r.config})
+    for key in all_keys:
+        if key in keys or key in NOT_GROUPED or key.split(".")[0] in NOT_GROUPED_SECTIONS:
+            continue
+        if len({json.dumps(r.config[key]) for r in runs if key in r.config}) > 1:
+            keys.append(key)
+    return keys
+
+
+def sort_value(key: str, value: Any) -> tuple:
+    if key == "model.ln_placement" and value in PLACEMENTS:
+        return (0, PLACEMENTS.index(value), "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value), "")
+    return (2, 0.0, str(value))
+
+
+GRAD_NORM_LAYER = re.compile(r"^stability/grad_norm/(\d+)$")
