@@ -12,7 +12,7 @@ recomputed):
     dx = dlogits @ w^T,   dw += x^T @ dlogits             (w as [D, V]; float32 accumulation)
 
 and the backward pass only scales them by the incoming cotangent. Matmuls take the compute dtype
-(x's) with float32 accumulation, as `perijax.model.einsum` does; the softmax statistics are
+(x's) with float32 accumulation, as `perijax.model.mixed_einsum` does; the softmax statistics are
 float32. Without differentiation (eval, scoring) only the loss is computed.
 
 Why: for the paper's models the vocabulary is cl100k_base's 100,277 tokens, and one micro-batch
@@ -90,7 +90,7 @@ def head_loss(
 def _specs(vocab_first: bool) -> tuple[str, str, str]:
     """einsum specs of (logits, dx, dw) for the head's layout, on chunks [S, B/S, c, ...] (S:
     batch shards). The weight gradient keeps a per-shard axis s (summed after the loop) and the
-    operand order of `perijax.model.einsum`'s (another order sends XLA:CPU's bfloat16 dot to a
+    operand order of `perijax.model.mixed_einsum`'s (another order sends XLA:CPU's bfloat16 dot to a
     slow kernel)."""
     if vocab_first:
         return "sbcd,vd->sbcv", "sbcv,vd->sbcd", "sbcd,sbcv->svd"

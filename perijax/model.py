@@ -29,7 +29,7 @@ from perijax import attention as attention_lib
 from perijax import loss as loss_lib
 from perijax import tuning
 from perijax.config import ModelConfig
-from perijax.norms import NORM_ROLES, Norm, residual
+from perijax.norms import NORM_ROLES, Norm, norm_name, residual
 from perijax.sharding import constrain
 from perijax.telemetry import StreamProbe, stream_by_sublayer
 
@@ -51,7 +51,7 @@ def check_backend(cfg: ModelConfig) -> None:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+def mixed_einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
     """`jnp.einsum(spec, a, b)` for two operands in `a`'s dtype (the compute dtype) with float32
     accumulation, returned in `out_dtype` (default: `a`'s dtype). `b` may be a float32 parameter:
     it is cast to the compute dtype inside, and its gradient comes back in float32.
@@ -81,7 +81,7 @@ def _einsum_bwd(spec, out_dtype, residuals, g):
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
-einsum.defvjp(_einsum_fwd, _einsum_bwd)
+mixed_einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str, ...], dtype):
@@ -195,16 +195,16 @@ class Attention(nnx.Module):
             self.cfg.attention, q, k, v, segment_ids=ctx.segment_ids, mask=ctx.mask
         )
         out = constrain(out, ("batch", "seq", "heads", "kv"))
-        return einsum("bthk,hkd->btd", out, self.wo[...])
+        return mixed_einsum("bthk,hkd->btd", out, self.wo[...])
 
     def _project(self, x: jax.Array, rotary: Rotary):
         """Queries [B, T, H, Dh], keys and values [B, T, K, Dh] of x, QK-normed and rotated."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        q = einsum("btd,dhk->bthk", x, self.wq[...])
-        kk = einsum("btd,dhk->bthk", x, self.wk[...])
-        v = einsum("btd,dhk->bthk", x, self.wv[...])
+        q = mixed_einsum("btd,dhk->bthk", x, self.wq[...])
+        kk = mixed_einsum("btd,dhk->bthk", x, self.wk[...])
+        v = mixed_einsum("btd,dhk->bthk", x, self.wv[...])
         if cfg.qk_norm == "per_head":
             q, kk = self.q_norm(q), self.k_norm(kk)
         elif cfg.qk_norm == "full":
@@ -239,10 +239,10 @@ class Mlp(nnx.Module):
         self.w_down = _param(rngs, out_std or cfg.init_std, (f, d), ("mlp", "embed"), pd)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = einsum("btd,df->btf", x, self.w_gate[...])
-        up = einsum("btd,df->btf", x, self.w_up[...])
+        gate = mixed_einsum("btd,df->btf", x, self.w_gate[...])
+        up = mixed_einsum("btd,df->btf", x, self.w_up[...])
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return einsum("btf,fd->btd", hidden, self.w_down[...])
+        return mixed_einsum("btf,fd->btd", hidden, self.w_down[...])
 
 
 class Block(nnx.Module):
@@ -259,7 +259,7 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs=rngs)
         for sublayer in ("attn", "mlp"):
             for role in NORM_ROLES[cfg.ln_placement]:
-                setattr(self, f"{sublayer}_{role}_norm", _norm(cfg))
+                setattr(self, norm_name(sublayer, role), _norm(cfg))
         self.attn_stream = StreamProbe()
         self.mlp_stream = StreamProbe()
 
@@ -271,7 +271,7 @@ class Block(nnx.Module):
     def _around(self, sublayer: str) -> dict[str, Norm | StreamProbe]:
         """The norms of `sublayer` ("attn" or "mlp") by role, and its stream probe."""
         roles = NORM_ROLES[self.placement]
-        norms = {f"{role}_norm": getattr(self, f"{sublayer}_{role}_norm") for role in roles}
+        norms = {f"{role}_norm": getattr(self, norm_name(sublayer, role)) for role in roles}
         return {**norms, "probe": getattr(self, f"{sublayer}_stream")}
 
 
@@ -460,9 +460,9 @@ class Transformer(nnx.Module):
         """logits [B, T, V] float32 of final hidden states x."""
         if self.lm_head is None:  # tied: the [V, D] embedding as is (a transposed operand
             # sends XLA:CPU's bfloat16 weight-gradient dot to an unsupported kernel)
-            logits = einsum("btd,vd->btv", x, self.embed[...], jnp.float32)
+            logits = mixed_einsum("btd,vd->btv", x, self.embed[...], jnp.float32)
         else:
-            logits = einsum("btd,dv->btv", x, self.lm_head[...], jnp.float32)
+            logits = mixed_einsum("btd,dv->btv", x, self.lm_head[...], jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"))
 
 

@@ -20,7 +20,7 @@ from perijax import tuning
 from perijax.config import NORM_TYPES, PLACEMENTS
 
 # Which norms each placement creates around one sublayer, named by the tensor they normalize
-# (STYLE.md): "input" = the sublayer input, "output" = the sublayer output before the add,
+# (`norm_name`): "input" = the sublayer input, "output" = the sublayer output before the add,
 # "residual" = the residual stream after the add.
 NORM_ROLES: dict[str, tuple[str, ...]] = {
     "pre": ("input",),
@@ -30,6 +30,12 @@ NORM_ROLES: dict[str, tuple[str, ...]] = {
 }
 
 
+def norm_name(sublayer: str, role: str) -> str:
+    """The attribute name of a block's norm: `norm_name("attn", "input")` is "attn_input_norm",
+    the norm of the attention sublayer's input (roles as in NORM_ROLES)."""
+    return f"{sublayer}_{role}_norm"
+
+
 class Norm(nnx.Module):
     """RMSNorm or LayerNorm over the last axis, statistics in float32.
 
@@ -37,21 +43,15 @@ class Norm(nnx.Module):
     layernorm: y = (x - mean(x)) / sqrt(var(x) + eps) * scale + bias
 
     With `learnable=False` the module has no parameters (scale fixed to 1, no bias).
-    Input and output shapes: [..., dim]; the output has the input's dtype. Differentiated by
-    autodiff, except where `perijax.tuning` selects the written-out backward passes of
-    `perijax.tuning.cpu_kernels` (on CPU).
+    Input and output shapes: [..., dim]; the output has the input's dtype. `rms_norm` and
+    `layer_norm` below are the formulas; `perijax.tuning` may hand a backend's version of them
+    with the same values and a written-out backward pass.
     """
 
     def __init__(
-        self,
-        dim: int,
-        *,
-        norm_type: str = "rmsnorm",
-        eps: float = 1e-6,
-        learnable: bool = True,
-        param_dtype: jnp.dtype = jnp.float32,
+        self, dim: int, *, norm_type: str, eps: float, learnable: bool, param_dtype: jnp.dtype
     ):
-        if norm_type not in NORM_TYPES:
+        if norm_type not in NORMALIZE:
             raise ValueError(f"unknown norm_type {norm_type!r}: expected one of {NORM_TYPES}")
         self.norm_type = norm_type
         self.eps = eps
@@ -65,20 +65,38 @@ class Norm(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = None if self.scale is None else self.scale[...].astype(jnp.float32)
-        kernels = tuning.norm_kernels()  # the one backend switch: None = autodiff
-        if kernels and self.norm_type == "rmsnorm":
-            ones = jnp.ones(x.shape[-1])
-            return kernels.rms_norm(x, ones if scale is None else scale, self.eps)
-        h = x.astype(jnp.float32)
-        if self.norm_type == "layernorm":
-            h = h - jnp.mean(h, axis=-1, keepdims=True)
-        h = h * inv_rms(h, self.eps)
-        if scale is not None:
-            h = kernels.scale_rows(h, scale) if kernels else h * scale
-        if self.bias is not None:
-            h = h + self.bias[...].astype(jnp.float32)
-        return h.astype(x.dtype)
+        normalize = tuning.normalizer(self.norm_type, NORMALIZE[self.norm_type])
+        return normalize(x, _float32(self.scale), _float32(self.bias), self.eps)
+
+
+def _float32(param: nnx.Param | None) -> jax.Array | None:
+    return None if param is None else param[...].astype(jnp.float32)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array | None, bias: None, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis, in float32, returned in x's dtype
+    (an RMSNorm has no bias: always None)."""
+    h = x.astype(jnp.float32)
+    return scale_and_shift(h * inv_rms(h, eps), scale, bias).astype(x.dtype)
+
+
+def layer_norm(
+    x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, eps: float
+) -> jax.Array:
+    """(x - mean(x)) / sqrt(var(x) + eps) * scale + bias over the last axis, in float32,
+    returned in x's dtype."""
+    h = x.astype(jnp.float32)
+    h = h - jnp.mean(h, axis=-1, keepdims=True)
+    return scale_and_shift(h * inv_rms(h, eps), scale, bias).astype(x.dtype)
+
+
+NORMALIZE: dict[str, Callable] = {"rmsnorm": rms_norm, "layernorm": layer_norm}
+
+
+def scale_and_shift(h: jax.Array, scale: jax.Array | None, bias: jax.Array | None) -> jax.Array:
+    """h * scale + bias, each part only where it exists (float32)."""
+    h = h if scale is None else h * scale
+    return h if bias is None else h + bias
 
 
 def inv_rms(h: jax.Array, eps: float) -> jax.Array:
@@ -97,8 +115,8 @@ def residual(
     output_norm: Norm | None = None,
     residual_norm: Norm | None = None,
 ) -> jax.Array:
-    """One residual sublayer `x -> y` for a LayerNorm placement (PAPER.md, docs/ln_variants.md):
-    `added` is what the sublayer adds to the stream x.
+    """One residual sublayer `x -> y` for a LayerNorm placement (docs/paper.md,
+    docs/ln_variants.md): `added` is what the sublayer adds to the stream x.
 
     Only the norms named in NORM_ROLES[placement] are passed; the others stay None. `probe` is
     shown the new stream y and `added` (in the model, a `telemetry.StreamProbe`, which sows

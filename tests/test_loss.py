@@ -14,7 +14,7 @@ from flax import nnx
 
 from perijax.config import ConfigError, ModelConfig
 from perijax.loss import auto_chunk_len, chunk_len_for, head_loss
-from perijax.model import Transformer, einsum
+from perijax.model import Transformer, mixed_einsum
 from perijax.sharding import MESH_AXES
 
 B, T, D, V = 3, 8, 16, 97
@@ -40,7 +40,7 @@ def _inputs(dtype=jnp.float32, vocab_first=True, seed=0):
 
 def _plain(x, w, targets, mask, vocab_first):
     spec = "btd,vd->btv" if vocab_first else "btd,dv->btv"
-    return cross_entropy(einsum(spec, x, w, jnp.float32), targets, mask)
+    return cross_entropy(mixed_einsum(spec, x, w, jnp.float32), targets, mask)
 
 
 def _mean_and_grads(fn, x, w):
@@ -87,8 +87,9 @@ def test_masked_positions_cannot_leak():
 
 
 def test_bfloat16_head_loss_matches_the_einsum_path():
-    """bfloat16 hidden states, float32 head: the same matmul precision as perijax.model.einsum's
-    (bfloat16 inputs, float32 accumulation); gradients come back in the inputs' dtypes."""
+    """bfloat16 hidden states, float32 head: the same matmul precision as
+    perijax.model.mixed_einsum's (bfloat16 inputs, float32 accumulation); gradients come back in
+    the inputs' dtypes."""
     x, w, targets, _ = _inputs(jnp.bfloat16)
     ours = _mean_and_grads(
         lambda x, w: head_loss(x, w, targets, chunk_len=2, vocab_first=True), x, w

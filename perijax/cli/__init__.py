@@ -105,6 +105,3 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"unknown command {args.command!r}")
     return commands[args.command]()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ on the backend it is made for (docs/performance.md, "Backend tuning", has the nu
 
 | choice                                    | CPU | GPU / TPU | asked by |
 |-------------------------------------------|-----|-----------|----------|
-| norms' written-out backward (`cpu_kernels`) | yes | autodiff | norms.py |
+| norms' written-out backward (`cpu_kernels`) | yes | autodiff | norms.py (`normalizer`) |
 | attention's written-out backward (XLA path) | yes | autodiff | attention.py |
 | rotary tables as host constants             | yes | computed in the step | model.py |
 | logits elements per loss chunk              | 2^22 | 2^28 | loss.py |
@@ -17,7 +17,7 @@ On GPU and TPU the defaults are the library and autodiff versions until a measur
 backend says otherwise. `planning_for(backend)` makes the decisions for another backend than the
 one JAX runs on: `perijax plan` compiles on CPU what a GPU or TPU would run.
 
-Not backend tuning, and so not here: `perijax.model.einsum`'s backward pass casts the incoming
+Not backend tuning, and so not here: `perijax.model.mixed_einsum`'s backward pass casts the incoming
 gradient to the compute dtype, so all three matmuls of a layer take bfloat16 inputs on every
 backend (autodiff would run the two backward matmuls with a float32 operand, i.e. in float32):
 that is the mixed-precision policy, not a workaround for one compiler.
@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
-from types import ModuleType
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -82,13 +81,15 @@ def planning_for(backend_name: str) -> Iterator[None]:
         _planning.pop()
 
 
-def norm_kernels() -> ModuleType | None:
-    """`cpu_kernels` where the norms' backward passes are written out, else None (autodiff)."""
+def normalizer(norm_type: str, formula: Callable) -> Callable:
+    """What `perijax.norms.Norm` normalizes with: the `formula` of `norm_type` (differentiated by
+    autodiff), or, where this backend writes the norms' backward pass out, `cpu_kernels`' version
+    of it (the same values)."""
     if not current().written_out_norm_backward:
-        return None
+        return formula
     from perijax.tuning import cpu_kernels
 
-    return cpu_kernels
+    return cpu_kernels.NORMALIZE[norm_type]
 
 
 def compiler_options() -> dict[str, Any] | None:

@@ -1,11 +1,10 @@
-"""Backward passes written out for XLA:CPU: RMSNorm and LayerNorm's scale.
-
-XLA:CPU cannot fuse an elementwise producer into a reduction, so every full-size float32
-temporary of a norm's autodiff backward is a write and a read of the whole activation, and it
-splits a reduction over the leading axes into a strided reduce-window and a reduce. These
-versions compute the same gradients with one temporary and with the reductions as dots
-(docs/performance.md, "The norms' backward pass"). They run where `perijax.tuning` says so
-(on CPU); GPU and TPU compilers fuse the autodiff version themselves.
+"""Norms with backward passes written out for XLA:CPU: `NORMALIZE` holds the versions of
+`perijax.norms.rms_norm` and `perijax.norms.layer_norm` that `perijax.tuning.normalizer` hands
+`perijax.norms.Norm` on CPU. They compute the same values; their backward passes keep fewer
+full-size float32 temporaries and compute the sums over rows and columns as dots, which XLA:CPU
+runs faster than the reductions of autodiff's (docs/performance.md, "On CPU: rotary tables and
+the norms' backward pass", has the profile and the numbers). GPU and TPU compilers fuse the
+autodiff versions themselves.
 """
 
 from __future__ import annotations
@@ -15,7 +14,34 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from perijax.norms import inv_rms
+
+def normalize_rms(x: jax.Array, scale: jax.Array | None, bias: None, eps: float) -> jax.Array:
+    """`perijax.norms.rms_norm` with `rms_norm`'s backward pass (a fixed scale is ones)."""
+    del bias  # an RMSNorm has none
+    return rms_norm(x, jnp.ones(x.shape[-1]) if scale is None else scale, eps)
+
+
+def normalize_layer(
+    x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, eps: float
+) -> jax.Array:
+    """`perijax.norms.layer_norm` with `scale_rows`' backward pass for the scale."""
+    h = x.astype(jnp.float32)
+    h = h - jnp.mean(h, axis=-1, keepdims=True)
+    h = h * _inv_rms(h, eps)
+    if scale is not None:
+        h = scale_rows(h, scale)
+    if bias is not None:
+        h = h + bias
+    return h.astype(x.dtype)
+
+
+NORMALIZE = {"rmsnorm": normalize_rms, "layernorm": normalize_layer}
+
+
+def _inv_rms(h: jax.Array, eps: float) -> jax.Array:
+    """1 / sqrt(mean(h^2) + eps), as `perijax.norms.inv_rms` (this package does not import the
+    model's modules: they import it)."""
+    return jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -23,23 +49,21 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, `x / sqrt(mean(x^2) + eps) * scale` in float32, returned in
     x's dtype. x: [..., d]; scale: [d] float32.
 
-    The forward pass is the formula. The backward pass is written out to move less memory than
-    autodiff's: with r = 1 / sqrt(mean(x^2) + eps) saved from the forward pass (one float32 per
-    row) and g the output gradient,
+    The forward pass is the formula. The backward pass is written out: with
+    r = 1 / sqrt(mean(x^2) + eps) saved from the forward pass (one float32 per row) and g the
+    output gradient,
 
         dx = r * g * scale - x * r^3 * sum_d(g * scale * x) / d
         dscale = sum_rows(r * g * x)
 
     and both sums are products (`dot_general`, float32) with the one float32 array g * x, the
-    only full-size temporary; autodiff materialized three. XLA:CPU cannot fuse an elementwise
-    producer into a reduction, so each such temporary is a write and a read of the whole
-    activation in float32 (docs/performance.md)."""
+    only full-size temporary (autodiff materializes three)."""
     return _rms_norm_fwd(x, scale, eps)[0]
 
 
 def _rms_norm_fwd(x, scale, eps):
     h = x.astype(jnp.float32)
-    r = inv_rms(h, eps)
+    r = _inv_rms(h, eps)
     return (h * r * scale).astype(x.dtype), (x, scale, r)
 
 
@@ -77,9 +101,8 @@ def scale_rows(h: jax.Array, scale: jax.Array) -> jax.Array:
 
     Differentiated as autodiff would, except that the scale gradient's sum over every row,
     sum_rows(g * h), is a vector-matrix product ones @ (g * h) instead of a reduction over the
-    leading axes. XLA:CPU splits such a reduction into a strided reduce-window and a reduce, about
-    5 ms per norm of configs/small.py; the dot takes about 1 ms (docs/performance.md). The result
-    is the same sum, accumulated in float32."""
+    leading axes, which XLA:CPU splits into a slower strided reduce-window and a reduce. The
+    result is the same sum, accumulated in float32."""
     return h * scale
 
 
