@@ -38,7 +38,7 @@ def get_config(arg=None):
     config.model.scan_layers = True
     config.model.remat = "full"
 
-    # Paper setup (PAPER.md): 30B tokens, AdamW with cosine decay, weight decay 0.1.
+    # Paper setup (docs/paper.md, "Setup"): 30B tokens, AdamW with cosine decay, weight decay 0.1.
     # Sequence length 8192 and the batch are uncertain in the paper's text; override as needed.
     config.data.seq_len = 8192
     config.optim.lr = 2e-3  # Pre-LN's best learning rate in the paper's sweep

@@ -27,8 +27,9 @@ from perijax.config import ConfigError, MeshConfig, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# The one logical-axis rules table (STYLE.md). A logical axis maps to a mesh axis, a tuple of
-# mesh axes, or None (replicated). Activations use None for their embedding dimension.
+# The one logical-axis rules table: the only mapping from logical axes to mesh axes
+# (docs/scaling.md, "The rules table"). A logical axis maps to a mesh axis, a tuple of mesh
+# axes, or None (replicated). Activations use None for their embedding dimension.
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "seq": None,

@@ -67,7 +67,8 @@ exec "$@"
 # XLA flags for H100-class GPUs, each with its reason. Only flags that differ from XLA's defaults
 # and that the installed jaxlib accepts (tests/test_launch_slurm.py parses them: an unknown flag
 # in XLA_FLAGS aborts the process). Sources: JAX "GPU performance tips"
-# (docs/gpu_performance_tips.md), NVIDIA JAX-Toolbox "GPU performance" and MaxText's GPU recipes.
+# (https://docs.jax.dev/en/latest/gpu_performance_tips.html), NVIDIA JAX-Toolbox "GPU
+# performance" and MaxText's GPU recipes.
 H100_XLA_FLAGS: tuple[tuple[str, str], ...] = (
     (
         "--xla_gpu_enable_latency_hiding_scheduler=true",
