@@ -163,7 +163,8 @@ def test_extras_hold_each_feature_and_the_test_extra_holds_them_all():
 def test_ci_and_dockerfiles_install_the_pinned_versions():
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"pip install -c constraints\.txt -e '\.\[test\]'", ci)
-    assert "python -m perijax.packages && python -m pytest" in ci
+    lint = "ruff check && ruff format --check"  # before the tests: a lint failure fails CI
+    assert f"python -m perijax.packages && {lint} && python -m pytest" in ci
     for kind in ("cuda", "tpu"):
         dockerfile = (ROOT / "docker" / f"Dockerfile.{kind}").read_text()
         assert "pip install -c /opt/perijax/constraints.txt" in dockerfile

@@ -104,4 +104,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in commands:
         return fail(f"unknown command {args.command!r}")
     return commands[args.command]()
-

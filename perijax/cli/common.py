@@ -40,5 +40,3 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
             rest.append(arg)
         i += 1
     return rest, overrides
-
-

@@ -1,6 +1,8 @@
 """`perijax generate`: the command line of `perijax.generate` (docs/eval_export.md).
 
     perijax generate runs/tiny/checkpoints/500 --prompt "def main(" --max-new-tokens 64
+
+The options are checked before the checkpoint is loaded; bad input is one line on stderr.
 """
 
 from __future__ import annotations

@@ -617,4 +617,3 @@ def _tokenizer_entry(tok, train_tokenizer: int, train_mb: float) -> dict:
 
 
 # --- command line ---------------------------------------------------------------------------
-

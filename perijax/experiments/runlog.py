@@ -314,8 +314,6 @@ def rows_with(run: RunResult, pattern: re.Pattern) -> list[dict[str, Any]]:
     return [r for r in run.rows if any(pattern.match(k) for k in r)]
 
 
-
-
 FP16_MAX = 65504.0  # largest finite float16
 
 

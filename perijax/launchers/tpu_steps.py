@@ -473,4 +473,3 @@ def run_with_restarts(
             code = execute(step.argv)
             if code and "delete" not in step.argv:  # deleting what is already gone may fail
                 return fail(f"exited with status {code}: {step.shell()}", code=code)
-
