@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from perijax import tuning
+from perijax.attention import block_len
 from perijax.sharding import constrain, shards
 
 MIN_CHUNK_TOKENS = 256  # below this the matmuls get too thin to run well
@@ -61,7 +62,7 @@ def chunk_len_for(
         local_batch = batch // shards("batch", batch, mesh)
         local_vocab = vocab // shards("vocab", vocab, mesh)
         return auto_chunk_len(local_batch, seq_len, local_vocab, backend)
-    return max(c for c in range(1, min(setting, seq_len) + 1) if seq_len % c == 0)
+    return block_len(seq_len, setting)  # the longest divisor of seq_len up to `setting`
 
 
 def head_loss(

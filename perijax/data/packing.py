@@ -73,14 +73,6 @@ class TokenStream:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    @property
-    def num_documents(self) -> int:
-        return int(self._doc_base[-1])
-
-    @property
-    def num_parts(self) -> int:
-        return len(self._starts) - 1
-
     def _part(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         part = self._loaded.get(p)
         if part is None:

@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +80,27 @@ def _tokenizer_for(spec: tuple):
     return tok
 
 
+def _documents(
+    pieces: Iterable[Piece], files: Sequence[InputFile] | dict[int, InputFile], options: dict, stats
+) -> Iterator[tuple[str, str]]:
+    """(split, text) of every document of `pieces`, in order; split is "val" for the held-out
+    ones. `options` holds the reading options (text_unit, text_field, invalid_utf8) and
+    val_fraction; `stats` (a ReadStats) counts what was read."""
+    for piece in pieces:
+        f = files[piece.file]
+        docs = inputs_lib.read_documents(
+            f,
+            piece,
+            text_unit=options["text_unit"],
+            text_field=options["text_field"],
+            invalid_utf8=options["invalid_utf8"],
+            stats=stats,
+        )
+        for position, text in docs:
+            held_out = inputs_lib.is_val(f.key, position, options["val_fraction"])
+            yield ("val" if held_out else "train"), text
+
+
 def prepare_chunk(task: dict) -> dict:
     """Tokenizes one chunk into shard `task["index"]` (train and val files); returns its record.
 
@@ -103,24 +124,12 @@ def prepare_chunk(task: dict) -> dict:
         pending[split], pending_chars[split] = [], 0
 
     try:
-        for piece in task["pieces"]:
-            f = files[piece.file]
-            docs = inputs_lib.read_documents(
-                f,
-                piece,
-                text_unit=task["text_unit"],
-                text_field=task["text_field"],
-                invalid_utf8=task["invalid_utf8"],
-                stats=stats,
-            )
-            for position, text in docs:
-                held_out = inputs_lib.is_val(f.key, position, task["val_fraction"])
-                split = "val" if held_out else "train"
-                pending[split].append(text)
-                pending_chars[split] += len(text)
-                text_bytes[split] += len(text.encode("utf-8", "surrogatepass"))
-                if pending_chars[split] >= _ENCODE_BATCH_CHARS:
-                    flush(split)
+        for split, text in _documents(task["pieces"], files, task, stats):
+            pending[split].append(text)
+            pending_chars[split] += len(text)
+            text_bytes[split] += len(text.encode("utf-8", "surrogatepass"))
+            if pending_chars[split] >= _ENCODE_BATCH_CHARS:
+                flush(split)
         for split in SPLITS:
             flush(split)
         shards = {split: writers[split].finish() for split in SPLITS}
@@ -270,27 +279,13 @@ def _train_tokenizer(
             return
     t0 = time.perf_counter()
     texts, used, stats = [], 0, ReadStats()
-    for chunk in chunks:
-        for piece in chunk:
-            f = files[piece.file]
-            docs = inputs_lib.read_documents(
-                f,
-                piece,
-                text_unit=options["text_unit"],
-                text_field=options["text_field"],
-                invalid_utf8=options["invalid_utf8"],
-                stats=stats,
-            )
-            for position, text in docs:
-                if not inputs_lib.is_val(f.key, position, options["val_fraction"]):
-                    texts.append(text)
-                    used += len(text.encode("utf-8", "surrogatepass"))
-                    if used >= budget_bytes:
-                        break
+    pieces = (piece for chunk in chunks for piece in chunk)
+    for split, text in _documents(pieces, files, options, stats):
+        if split == "train":
+            texts.append(text)
+            used += len(text.encode("utf-8", "surrogatepass"))
             if used >= budget_bytes:
                 break
-        if used >= budget_bytes:
-            break
     if not texts:
         raise InputError("no training documents to train the tokenizer on")
     tokenizer = train_bpe(texts, vocab_size)
