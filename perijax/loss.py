@@ -17,9 +17,9 @@ float32. Without differentiation (eval, scoring) only the loss is computed.
 
 Why: for the paper's models the vocabulary is cl100k_base's 100,277 tokens, and one micro-batch
 of 8 x 8,192 tokens has 26 GB of float32 logits, and as much again for their gradient. On CPU the
-whole-batch logits of configs/small.py (256 MiB) are read and written several times per step;
-chunks of 16 positions (16 MiB of logits) run the head and loss with their gradients about 2x
-faster (docs/performance.md, "The output head and loss").
+whole-batch logits of configs/small.py (256 MiB) are read and written several times per step,
+and cache-sized chunks avoid that (docs/performance.md, "The output head and loss", has the
+timings).
 
 Chunk length: `ModelConfig.loss_chunk_len`; 0 picks `auto_chunk_len`, the longest chunk whose
 logits stay within a budget of elements (cache-sized on CPU, 1 GiB of float32 on GPU and TPU).

@@ -38,8 +38,8 @@ __all__ = ["ModelConfig", "Transformer", "Block", "Attention", "Mlp", "count_par
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     """Resolves `dtype="auto"`: bfloat16 on accelerators, float32 on CPU, where runs serve as
-    exact references (bfloat16 is about 1.6x faster there too and is set explicitly, as in
-    configs/small.py; docs/performance.md)."""
+    exact references (configs/small.py sets bfloat16 explicitly, which pays on CPU too;
+    docs/performance.md)."""
     if cfg.dtype == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     return jnp.dtype(cfg.dtype)
@@ -115,8 +115,8 @@ def rotary_tables(positions: jax.Array | np.ndarray, head_dim: int, theta: float
     tables, computed here in float64 and rounded once. Computed inside the jitted step instead,
     XLA:CPU fuses the sin and cos into every rotary multiply that reads them, forward and
     backward, and evaluates them once per batch row, head and layer (an optimization barrier
-    does not stop it: the CPU pipeline removes barriers before fusion); on configs/small.py
-    about 0.45 s of a 4.5 s step. Elsewhere, and for traced positions (decoding, documents), the
+    does not stop it: the CPU pipeline removes barriers before fusion; docs/performance.md has
+    the cost). Elsewhere, and for traced positions (decoding, documents), the
     tables are computed in float32 in the step."""
     half = head_dim // 2
     if isinstance(positions, np.ndarray) and tuning.current().constant_rotary_tables:

@@ -3,11 +3,10 @@
 On CPU, XLA hands some fused computations to the YNNPACK library ("library fusions"). By default
 that includes elementwise-plus-reduction fusions, such as a norm's mean of squares or the column
 sums of its scale gradient; to feed the library, XLA first materializes every converted or
-broadcast operand as a full float32 array. On the 2-core development machine one RMSNorm's
-forward and backward over a [32, 256, 384] bfloat16 activation takes 25 ms that way and 5.6 ms
-when only the matmuls go to the library (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`) and XLA's own loop
-fusions do the rest; the configs/small.py step runs about 10% faster, and Peri-LN's extra norms
-stop costing several percent (docs/performance.md, "On CPU: library fusions").
+broadcast operand as a full float32 array. Sending only the matmuls to the library
+(`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`) and leaving the rest to XLA's own loop fusions makes the
+norms and the whole step faster (docs/performance.md, "On CPU: library fusions", has the
+numbers).
 
 `step_compiler_options()` returns that option for `jax.jit(..., compiler_options=...)` when JAX
 runs on CPU, the installed XLA knows it (checked once with a tiny compile), the user's

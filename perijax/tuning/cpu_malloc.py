@@ -3,10 +3,9 @@
 XLA:CPU allocates each execution's temporaries (every activation the backward pass keeps: about
 4.3 GiB per step for `configs/small.py`) as one `posix_memalign` block from one of its worker
 threads, and frees it when the step ends. glibc serves a block that large with a fresh `mmap` and
-returns it with `munmap`, so every step faults in and zeroes every page again: about a million
-4 KiB page faults and ~4 s of kernel time per `configs/small.py` step on 2 cores, and the cost
-grows with the activation memory, so a placement that keeps more activations (Peri-LN's two
-extra norms per block) pays far more than its arithmetic (docs/performance.md).
+returns it with `munmap`, so every step faults in and zeroes every page again, and the cost grows
+with the activation memory, so a placement that keeps more activations (Peri-LN's two extra norms
+per block) pays far more than its arithmetic (docs/performance.md has the counts and the time).
 
 `tune_malloc()` makes glibc keep that memory instead, as GPU and TPU runtimes keep theirs:
 
@@ -29,10 +28,10 @@ left over from a bigger phase goes. But a steady training loop can need that muc
 temporaries leave a hole that small allocations then split, so the next step's block no longer
 fits and the heap grows by another block, until there are enough holes (four blocks for
 `configs/small.py`). A release there is undone within a few steps, each faulting its block in
-again, and repeated every 30 s it slowed training by 15-20%. So the releaser learns: when the
-resident set climbs back to 90% of what it was before a release while the recent peak in use
-stays within a factor 4/3 of its value then (the same phase of the program), that size is
-needed, and it releases again only above 1.1 times it. A change of phase (the peak in use moves
+again, and repeated every 30 s it slowed training (docs/performance.md). So the releaser
+learns: when the resident set climbs back to 90% of what it was before a release while the
+recent peak in use stays within a factor 4/3 of its value then (the same phase of the program),
+that size is needed, and it releases again only above 1.1 times it. A change of phase (the peak in use moves
 further) forgets it. Half-second samples can miss the peak of a very short step. The thread
 blocks the asynchronous signals, so that SIGTERM/SIGINT reach the thread that waits for them
 (perijax/signals.py). Without `mallinfo2` (glibc < 2.33) nothing is tuned.
