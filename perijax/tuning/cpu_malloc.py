@@ -31,9 +31,9 @@ fits and the heap grows by another block, until there are enough holes (four blo
 again, and repeated every 30 s it slowed training (docs/performance.md). So the releaser
 learns: when the resident set climbs back to 90% of what it was before a release while the
 recent peak in use stays within a factor 4/3 of its value then (the same phase of the program),
-that size is needed, and it releases again only above 1.1 times it. A change of phase (the peak in use moves
-further) forgets it. Half-second samples can miss the peak of a very short step. The thread
-blocks the asynchronous signals, so that SIGTERM/SIGINT reach the thread that waits for them
+that size is needed, and it releases again only above 1.1 times it. A change of phase (the peak
+in use moves further) forgets it. Half-second samples can miss the peak of a very short step. The
+thread blocks the asynchronous signals, so that SIGTERM/SIGINT reach the thread that waits for them
 (perijax/signals.py). Without `mallinfo2` (glibc < 2.33) nothing is tuned.
 
 The settings must be made before any other thread allocates (threads that already own an arena
