@@ -1,6 +1,8 @@
 """Typed configuration: the one schema, config files, command-line overrides and validation.
 
-The dataclasses below are the only place a setting and its default are declared. Config files
+The dataclasses below are the only place a setting, its default and (a `Literal[...]` type) its
+allowed values are declared; each section's `check()` beside it holds its value checks, and the
+train step's static settings are built from them by name (`from_section`). Config files
 (`configs/*.py`, ml-collections style as in big_vision) start from `base_config()` and change only
 what differs; `--config.section.key=value` overrides any key; `resolve()` turns the result into a
 frozen, validated `Config`. Every mistake raises `ConfigError` with a one-line message naming the
@@ -19,27 +21,56 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ml_collections
 
-PLACEMENTS = ("pre", "post", "peri", "output")
-NORM_TYPES = ("rmsnorm", "layernorm")
-QK_NORMS = ("none", "per_head", "full")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-PARAM_DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("cosine", "linear", "constant")
-DATA_SOURCES = ("stdlib", "synthetic", "prepared")
-REMAT = ("none", "minimal", "full")
-ATTENTION = ("auto", "xla", "blockwise", "cudnn", "splash")
-ON_BAD_STEPS = ("rollback", "stop")
 MAX_LOSS_SCALE = 2.0**24  # float16 dynamic loss scaling grows the scale up to this
+T = typing.TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A bad setting; the message is one line and names the key."""
 
 
+# ------------------------------------------------------------------------------------- checks
+def choices(section: type, key: str) -> tuple[Any, ...]:
+    """The values a `Literal[...]` key allows, in declaration order; () for any other key."""
+    hint = typing.get_type_hints(section)[key]
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(
+        value in allowed, f"{path}={value!r} is not valid: expected one of {', '.join(allowed)}"
+    )
+
+
+def _check_choices(section: Any, name: str) -> None:
+    """Every `Literal[...]` key of the section `name` holds one of its values."""
+    for f in dataclasses.fields(section):
+        if allowed := choices(type(section), f.name):
+            _one_of(f"{name}.{f.name}", getattr(section, f.name), allowed)
+
+
+def _positive(cfg: Any, section: str, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        _require(value is None or value > 0, f"{section}.{key} must be > 0, got {value}")
+
+
+def _non_negative(cfg: Any, section: str, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        _require(value >= 0, f"{section}.{key} must be >= 0, got {value}")
+
+
+# ------------------------------------------------------------------------------------- schema
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only LM shape and the LayerNorm placement (docs/ln_variants.md)."""
@@ -51,24 +82,26 @@ class ModelConfig:
     num_kv_heads: int | None = None  # None: = num_heads (no grouped-query attention)
     head_dim: int | None = None  # None: = d_model // num_heads
     d_ff: int = 2048  # hidden width of the SwiGLU MLP
-    ln_placement: str = "pre"  # pre | post | peri | output
-    norm_type: str = "rmsnorm"  # rmsnorm | layernorm
+    ln_placement: Literal["pre", "post", "peri", "output"] = "pre"
+    norm_type: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-6
     learnable_norm_scale: bool = True  # False: every norm has a fixed scale of 1
     embed_norm: bool = False  # normalize the token embeddings before the first block
-    qk_norm: str = "none"  # none | per_head (Gemma 3) | full (OLMo 2), RMSNorm before RoPE
+    # RMSNorm of queries and keys before RoPE; per_head: Gemma 3, full: OLMo 2
+    qk_norm: Literal["none", "per_head", "full"] = "none"
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     init_std: float = 0.02
     depth_scaled_init: bool = False  # output projections use init_std / sqrt(2 * num_layers)
     # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU; float16: with dynamic loss
     # scaling (train.loss_scale_*) and float32 master weights
-    dtype: str = "auto"
-    param_dtype: str = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = False  # one scanned block with stacked weights: fast compiles at depth
-    remat: str = "none"  # none | minimal (save weight matmuls) | full (recompute the block)
-    # auto: cudnn on GPU, splash on TPU, xla on CPU | xla | blockwise (any backend) | cudnn | splash
-    attention: str = "auto"
+    # minimal: save the weight matmuls; full: recompute the whole block
+    remat: Literal["none", "minimal", "full"] = "none"
+    # auto: cudnn on GPU, splash on TPU, xla on CPU; blockwise: any backend
+    attention: Literal["auto", "xla", "blockwise", "cudnn", "splash"] = "auto"
     loss_chunk_len: int = 0  # positions per chunk of the fused output head + loss; 0: auto
 
     @property
@@ -84,14 +117,35 @@ class ModelConfig:
         """Post-LN's last block already ends in a norm; every other placement adds one."""
         return self.ln_placement != "post"
 
+    def check(self) -> None:
+        _check_choices(self, "model")
+        _positive(self, "model", "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads")
+        _positive(self, "model", "head_dim", "d_ff", "norm_eps", "rope_theta", "init_std")
+        if self.head_dim is None:
+            _require(
+                self.d_model % self.num_heads == 0,
+                f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model} "
+                "(or set model.head_dim)",
+            )
+        _require(
+            self.num_heads % self.kv_heads == 0,
+            f"model.num_kv_heads={self.kv_heads} must divide model.num_heads={self.num_heads}",
+        )
+        _require(
+            self.dim_per_head % 2 == 0, f"head dimension {self.dim_per_head} must be even for RoPE"
+        )
+        _require(
+            self.dtype != "float16" or self.param_dtype == "float32",
+            "model.dtype=float16 keeps float32 master weights: set model.param_dtype=float32",
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from (docs/configs.md); the full pipeline lives in perijax.data."""
 
-    source: str = (
-        "stdlib"  # stdlib: the interpreter's .py files (no download) | synthetic | prepared
-    )
+    # stdlib: the interpreter's .py files (no download)
+    source: Literal["stdlib", "synthetic", "prepared"] = "stdlib"
     path: str = ""  # prepared: a `perijax prepare` folder, or a mixture "DIR_A=0.7,DIR_B=0.3"
     seq_len: int = 128
     cache_dir: str = ""  # "": $PERIJAX_CACHE, else ~/.cache/perijax
@@ -102,13 +156,26 @@ class DataConfig:
     # end-of-document token) and restart positions at each document's first token.
     document_masking: bool = False
 
+    def check(self) -> None:
+        _check_choices(self, "data")
+        _positive(self, "data", "seq_len", "num_threads", "prefetch")
+        _require(
+            (self.source == "prepared") == bool(self.path),
+            "data.path names a `perijax prepare` folder and is used exactly when "
+            "data.source=prepared",
+        )
+        _require(
+            0 < self.val_fraction < 1,
+            f"data.val_fraction must be in (0, 1), got {self.val_fraction}",
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with warmup and a decay schedule, global-norm clipping (perijax/optim.py)."""
 
     lr: float = 3e-4
-    schedule: str = "cosine"  # cosine | linear | constant (after linear warmup)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after a linear warmup
     warmup_steps: int = 100
     decay_steps: int | None = None  # None: = train.total_steps
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear)
@@ -117,6 +184,18 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # not applied to norm scales and biases
     grad_clip_norm: float = 1.0  # 0 disables clipping
+
+    def check(self) -> None:
+        _check_choices(self, "optim")
+        _positive(self, "optim", "lr", "decay_steps", "eps")
+        _non_negative(self, "optim", "warmup_steps")
+        _require(
+            0 <= self.min_lr_ratio <= 1,
+            f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
+        )
+        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+        _non_negative(self, "optim", "weight_decay", "grad_clip_norm")
+        _require(math.isfinite(self.lr), f"optim.lr must be finite, got {self.lr}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +216,7 @@ class TrainConfig:
     skip_bad_steps: bool = True
     skip_loss_spikes: bool = False
     max_consecutive_bad_steps: int = 5  # then: roll back to the last checkpoint, or stop
-    on_repeated_bad_steps: str = "rollback"  # rollback | stop
+    on_repeated_bad_steps: Literal["rollback", "stop"] = "rollback"
     rollback_skips_batches: bool = True  # after a rollback, continue with fresh batches
     max_rollbacks: int = 3
     # Dynamic loss scaling, used with model.dtype=float16 only (docs/checkpointing.md): the loss
@@ -149,6 +228,28 @@ class TrainConfig:
     wandb_project: str = ""
     wandb_entity: str = ""  # empty: the logged-in user's default entity
     wandb_group: str = ""  # empty: the workdir's parent folder (a sweep's runs share one group)
+
+    def check(self) -> None:
+        _check_choices(self, "train")
+        _positive(self, "train", "total_steps", "global_batch_size")
+        _require(
+            self.grad_accum_steps >= 0,
+            f"train.grad_accum_steps must be >= 0 (0: automatic), got {self.grad_accum_steps}",
+        )
+        _positive(self, "train", "log_every_steps", "eval_batches")
+        _non_negative(self, "train", "eval_every_steps")
+        _require(
+            self.grad_accum_steps == 0 or self.global_batch_size % self.grad_accum_steps == 0,
+            f"train.grad_accum_steps={self.grad_accum_steps} must divide "
+            f"train.global_batch_size={self.global_batch_size}",
+        )
+        _positive(self, "train", "max_consecutive_bad_steps")
+        _non_negative(self, "train", "max_rollbacks")
+        _require(
+            1 <= self.loss_scale_init <= MAX_LOSS_SCALE,
+            f"train.loss_scale_init must be in [1, 2**24], got {self.loss_scale_init}",
+        )
+        _positive(self, "train", "loss_scale_growth_interval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +263,13 @@ class TelemetryConfig:
     spike_window: int = 64  # steps in the running median
     spike_min_history: int = 16  # steps of history before spikes are counted
 
+    def check(self) -> None:
+        _positive(self, "telemetry", "grad_spike_factor", "loss_spike_factor", "spike_window")
+        _require(
+            0 < self.spike_min_history <= self.spike_window,
+            "telemetry.spike_min_history must be in [1, telemetry.spike_window]",
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -174,6 +282,10 @@ class CheckpointConfig:
     async_save: bool = True
     restore: str = ""  # a checkpoint step folder, checkpoints folder or workdir to start from
 
+    def check(self) -> None:
+        _non_negative(self, "checkpoint", "every_steps", "every_minutes", "keep")
+        _non_negative(self, "checkpoint", "keep_every_steps")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -185,6 +297,9 @@ class MeshConfig:
     tensor: int = 1
     dcn_data: int = 1
 
+    def check(self) -> None:
+        _require(self.dcn_data >= 1, f"mesh.dcn_data must be >= 1, got {self.dcn_data}")
+
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
@@ -194,6 +309,9 @@ class DistributedConfig:
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1
+
+    def check(self) -> None:
+        pass  # any value: the launcher's environment decides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +327,17 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
+# The allowed values of the choice keys, as declared by their Literal types above.
+PLACEMENTS = choices(ModelConfig, "ln_placement")
+NORM_TYPES = choices(ModelConfig, "norm_type")
+QK_NORMS = choices(ModelConfig, "qk_norm")
+DTYPES = choices(ModelConfig, "dtype")
+PARAM_DTYPES = choices(ModelConfig, "param_dtype")
+REMAT = choices(ModelConfig, "remat")
+ATTENTION = choices(ModelConfig, "attention")
+DATA_SOURCES = choices(DataConfig, "source")
+SCHEDULES = choices(OptimConfig, "schedule")
+ON_BAD_STEPS = choices(TrainConfig, "on_repeated_bad_steps")
 # Where a run's metrics are sent, not what it computes: runs that differ only here are one
 # experiment (perijax sweep and perijax report compare configs without them).
 TRACKING_KEYS = ("train.wandb_project", "train.wandb_entity", "train.wandb_group")
@@ -217,6 +346,12 @@ TRACKING_KEYS = ("train.wandb_project", "train.wandb_entity", "train.wandb_group
 def base_config() -> ml_collections.ConfigDict:
     """Every key with its default, as a ConfigDict for config files to edit."""
     return ml_collections.ConfigDict(dataclasses.asdict(Config()))
+
+
+def from_section(cls: type[T], section: Any) -> T:
+    """A dataclass whose fields are named as config keys (the train step's static settings)
+    built from those keys of a config section, so the section's defaults are the only ones."""
+    return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls) if f.init})
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -235,7 +370,11 @@ def flat_dict(config: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- typing
 def _allowed_types(section: type, key: str) -> tuple[type, ...]:
+    """The types a key's value may have; a `Literal[...]` key: its values' type (which value
+    is allowed is the section's `check()`'s test, so a wrong one reads "expected one of ...")."""
     hint = typing.get_type_hints(section)[key]
+    if allowed := choices(section, key):
+        return tuple(dict.fromkeys(type(value) for value in allowed))
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return typing.get_args(hint)
     return (hint,)
@@ -429,104 +568,14 @@ def resolve(cd: ml_collections.ConfigDict | dict) -> Config:
     return cfg
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
-    _require(
-        value in allowed, f"{path}={value!r} is not valid: expected one of {', '.join(allowed)}"
-    )
-
-
-def _positive(cfg: Any, section: str, *keys: str) -> None:
-    for key in keys:
-        value = getattr(cfg, key)
-        _require(value is None or value > 0, f"{section}.{key} must be > 0, got {value}")
-
-
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express."""
-    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    _one_of("model.ln_placement", m.ln_placement, PLACEMENTS)
-    _one_of("model.norm_type", m.norm_type, NORM_TYPES)
-    _one_of("model.qk_norm", m.qk_norm, QK_NORMS)
-    _one_of("model.dtype", m.dtype, DTYPES)
-    _one_of("model.param_dtype", m.param_dtype, PARAM_DTYPES)
-    _one_of("model.remat", m.remat, REMAT)
-    _one_of("model.attention", m.attention, ATTENTION)
-    _positive(m, "model", "vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads")
-    _positive(m, "model", "head_dim", "d_ff", "norm_eps", "rope_theta", "init_std")
-    if m.head_dim is None:
-        _require(
-            m.d_model % m.num_heads == 0,
-            f"model.num_heads={m.num_heads} must divide model.d_model={m.d_model} "
-            "(or set model.head_dim)",
-        )
-    _require(
-        m.num_heads % m.kv_heads == 0,
-        f"model.num_kv_heads={m.kv_heads} must divide model.num_heads={m.num_heads}",
-    )
-    _require(m.dim_per_head % 2 == 0, f"head dimension {m.dim_per_head} must be even for RoPE")
-
-    _one_of("data.source", d.source, DATA_SOURCES)
-    _positive(d, "data", "seq_len", "num_threads", "prefetch")
+    """Value checks that types alone cannot express: each section's own (its `check()`, beside
+    its declaration), then those across sections."""
+    for f in dataclasses.fields(cfg):
+        getattr(cfg, f.name).check()
+    m, d = cfg.model, cfg.data
     _require(
         m.loss_chunk_len >= 0 and (m.loss_chunk_len == 0 or d.seq_len % m.loss_chunk_len == 0),
         f"model.loss_chunk_len={m.loss_chunk_len} must divide data.seq_len={d.seq_len} "
         "(or be 0: chosen automatically)",
     )
-    _require(
-        (d.source == "prepared") == bool(d.path),
-        "data.path names a `perijax prepare` folder and is used exactly when data.source=prepared",
-    )
-    _require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-
-    _one_of("optim.schedule", o.schedule, SCHEDULES)
-    _positive(o, "optim", "lr", "decay_steps", "eps")
-    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    _require(
-        0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}"
-    )
-    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
-    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    _require(o.grad_clip_norm >= 0, f"optim.grad_clip_norm must be >= 0, got {o.grad_clip_norm}")
-
-    _positive(t, "train", "total_steps", "global_batch_size")
-    _require(
-        t.grad_accum_steps >= 0,
-        f"train.grad_accum_steps must be >= 0 (0: automatic), got {t.grad_accum_steps}",
-    )
-    _positive(t, "train", "log_every_steps", "eval_batches")
-    _require(
-        t.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0, got {t.eval_every_steps}"
-    )
-    _require(
-        t.grad_accum_steps == 0 or t.global_batch_size % t.grad_accum_steps == 0,
-        f"train.grad_accum_steps={t.grad_accum_steps} must divide "
-        f"train.global_batch_size={t.global_batch_size}",
-    )
-    _require(math.isfinite(o.lr), f"optim.lr must be finite, got {o.lr}")
-    _require(cfg.mesh.dcn_data >= 1, f"mesh.dcn_data must be >= 1, got {cfg.mesh.dcn_data}")
-    _one_of("train.on_repeated_bad_steps", t.on_repeated_bad_steps, ON_BAD_STEPS)
-    _positive(t, "train", "max_consecutive_bad_steps")
-    _require(t.max_rollbacks >= 0, f"train.max_rollbacks must be >= 0, got {t.max_rollbacks}")
-    _require(
-        1 <= t.loss_scale_init <= MAX_LOSS_SCALE,
-        f"train.loss_scale_init must be in [1, 2**24], got {t.loss_scale_init}",
-    )
-    _positive(t, "train", "loss_scale_growth_interval")
-    _require(
-        m.dtype != "float16" or m.param_dtype == "float32",
-        "model.dtype=float16 keeps float32 master weights: set model.param_dtype=float32",
-    )
-    tm = cfg.telemetry
-    _positive(tm, "telemetry", "grad_spike_factor", "loss_spike_factor", "spike_window")
-    _require(
-        0 < tm.spike_min_history <= tm.spike_window,
-        "telemetry.spike_min_history must be in [1, telemetry.spike_window]",
-    )
-    c = cfg.checkpoint
-    for key in ("every_steps", "every_minutes", "keep", "keep_every_steps"):
-        _require(getattr(c, key) >= 0, f"checkpoint.{key} must be >= 0, got {getattr(c, key)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import optax
 from flax import nnx, struct
 
 from perijax import attention as attention_lib
-from perijax.config import MAX_LOSS_SCALE, Config
+from perijax.config import MAX_LOSS_SCALE, Config, from_section
 from perijax.model import Transformer, compute_dtype
 from perijax.optim import lr_schedule, make_optimizer
 from perijax.telemetry import Spikes, count_spikes, global_norm, layer_metrics
@@ -26,22 +26,24 @@ from perijax.telemetry import Spikes, count_spikes, global_norm, layer_metrics
 
 @dataclasses.dataclass(frozen=True)
 class Guard:
-    """Static divergence-guard settings compiled into the step (docs/checkpointing.md)."""
+    """Static divergence-guard settings compiled into the step (docs/checkpointing.md): the
+    `train.*` keys of these names (`from_section(Guard, cfg.train)`)."""
 
-    skip_bad_steps: bool = True
-    skip_loss_spikes: bool = False  # a loss spike (Spikes) is a bad step too
-    max_consecutive_bad_steps: int = 5
+    skip_bad_steps: bool
+    skip_loss_spikes: bool  # a loss spike (Spikes) is a bad step too
+    max_consecutive_bad_steps: int
 
 
 @dataclasses.dataclass(frozen=True)
 class LossScaling:
-    """Static dynamic-loss-scaling settings of float16 compute (docs/checkpointing.md). The
+    """Static dynamic-loss-scaling settings of float16 compute (docs/checkpointing.md): the
+    `train.*` key of this name (`from_section(LossScaling, cfg.train)`) and fixed constants. The
     scale itself and the count of finite steps since it last changed live in the TrainState."""
 
-    growth_interval: int = 2000  # consecutive steps with finite gradients, then the scale doubles
-    backoff: float = 0.5  # on an overflow, down to 1 at least
-    growth: float = 2.0
-    max_scale: float = MAX_LOSS_SCALE
+    loss_scale_growth_interval: int  # consecutive finite-gradient steps, then the scale grows
+    backoff: ClassVar[float] = 0.5  # on an overflow, down to 1 at least
+    growth: ClassVar[float] = 2.0
+    max_scale: ClassVar[float] = MAX_LOSS_SCALE
 
 
 class TrainState(struct.PyTreeNode):
@@ -66,8 +68,8 @@ class TrainState(struct.PyTreeNode):
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     lr_fn: optax.Schedule = struct.field(pytree_node=False)
-    guard: Guard = struct.field(pytree_node=False, default=Guard())
-    spikes: Spikes = struct.field(pytree_node=False, default=Spikes())
+    guard: Guard = struct.field(pytree_node=False)
+    spikes: Spikes = struct.field(pytree_node=False)
     loss_scaling: LossScaling | None = struct.field(pytree_node=False, default=None)
 
 
@@ -101,17 +103,10 @@ def create_state(cfg: Config) -> TrainState:
         graphdef=graphdef,
         tx=tx,
         lr_fn=lr_schedule(cfg.optim, t.total_steps),
-        guard=Guard(t.skip_bad_steps, t.skip_loss_spikes, t.max_consecutive_bad_steps),
-        spikes=Spikes(
-            cfg.telemetry.grad_spike_factor,
-            cfg.telemetry.loss_spike_factor,
-            cfg.telemetry.spike_window,
-            cfg.telemetry.spike_min_history,
-        ),
+        guard=from_section(Guard, t),
+        spikes=from_section(Spikes, cfg.telemetry),
         loss_scaling=(
-            LossScaling(t.loss_scale_growth_interval)
-            if compute_dtype(cfg.model) == jnp.float16
-            else None
+            from_section(LossScaling, t) if compute_dtype(cfg.model) == jnp.float16 else None
         ),
     )
 
@@ -218,9 +213,9 @@ def _update_loss_scale(
     state: TrainState, amp: LossScaling, overflow: jax.Array, finite_grads: jax.Array
 ) -> dict[str, jax.Array]:
     """The next scale: x backoff after an overflow (not below 1), x growth (up to max_scale)
-    after growth_interval consecutive steps with finite gradients, else unchanged."""
+    after loss_scale_growth_interval consecutive steps with finite gradients, else unchanged."""
     good = jnp.where(finite_grads, state.scale_good_steps + 1, 0)
-    grow = good >= amp.growth_interval
+    grow = good >= amp.loss_scale_growth_interval
     scale = state.loss_scale
     scale = jnp.where(grow, jnp.minimum(scale * amp.growth, amp.max_scale), scale)
     scale = jnp.where(overflow, jnp.maximum(scale * amp.backoff, 1.0), scale)

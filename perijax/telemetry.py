@@ -64,26 +64,27 @@ def stream_by_sublayer(sown: Any) -> dict[str, dict[str, jax.Array]]:
 
 @dataclasses.dataclass(frozen=True)
 class Spikes:
-    """Static spike definitions (docs/telemetry.md): the counters and, with
+    """Static spike definitions (docs/telemetry.md): the `telemetry.*` keys of these names
+    (`config.from_section(Spikes, cfg.telemetry)`). The counters and, with
     `train.skip_loss_spikes`, the divergence guard use the same one."""
 
-    grad_factor: float = 3.0
-    loss_factor: float = 1.2
-    window: int = 64
-    min_history: int = 16
+    grad_spike_factor: float
+    loss_spike_factor: float
+    spike_window: int
+    spike_min_history: int
 
 
 def count_spikes(state: Any, loss: jax.Array, grad_norm: jax.Array) -> dict:
     """Spike counters of `state` (a perijax.step.TrainState), updated every step: a value above
-    factor x the running median of the last `window` finite values (counted once `min_history`
-    values exist). Every finite step enters the history, applied or not, so a lasting change of
-    level stops counting as spikes."""
+    factor x the running median of the last `spike_window` finite values (counted once
+    `spike_min_history` values exist). Every finite step enters the history, applied or not, so
+    a lasting change of level stops counting as spikes."""
     sp = state.spikes
-    ready = state.history_count >= sp.min_history
-    grad_spike = ready & (grad_norm > sp.grad_factor * jnp.nanmedian(state.grad_history))
-    loss_spike = ready & (loss > sp.loss_factor * jnp.nanmedian(state.loss_history))
+    ready = state.history_count >= sp.spike_min_history
+    grad_spike = ready & (grad_norm > sp.grad_spike_factor * jnp.nanmedian(state.grad_history))
+    loss_spike = ready & (loss > sp.loss_spike_factor * jnp.nanmedian(state.loss_history))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    pos = state.history_count % sp.window
+    pos = state.history_count % sp.spike_window
     keep = lambda hist, v: jnp.where(finite, hist.at[pos].set(v), hist)  # noqa: E731
     return {
         "grad_history": keep(state.grad_history, grad_norm.astype(jnp.float32)),

@@ -107,7 +107,10 @@ def test_scale_grows_after_the_growth_interval_up_to_the_maximum(step):
     assert scales == [256, 256, 512, 512, 512, 1024, 1024]
     assert int(state.scale_good_steps) == 1
 
-    capped = state.replace(loss_scaling=step_lib.LossScaling(growth_interval=1, max_scale=1024.0))
+    class Capped(step_lib.LossScaling):
+        max_scale = 1024.0
+
+    capped = state.replace(loss_scaling=Capped(loss_scale_growth_interval=1))
     capped, m = step(capped, batch(7))
     assert float(m["amp/loss_scale"]) == 1024
 

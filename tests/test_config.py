@@ -188,25 +188,6 @@ def _perijax_modules():
         yield path.relative_to(ROOT).as_posix(), ast.parse(path.read_text())
 
 
-def test_only_the_command_module_imports_the_cli():
-    """perijax.cli sits on top: library and subcommand modules use perijax.config.load and
-    perijax.cli.common, so no module imports the CLI back."""
-    offenders = []
-    for name, tree in _perijax_modules():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "perijax":
-                hit = any(a.name == "cli" for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                hit = node.module == "perijax.cli"
-            elif isinstance(node, ast.Import):
-                hit = any(a.name == "perijax.cli" for a in node.names)
-            else:
-                hit = False
-            if hit and name != "perijax/cli/__init__.py":
-                offenders.append(f"{name}:{node.lineno}")
-    assert offenders == []
-
-
 def test_every_command_error_goes_through_one_function():
     """`perijax: error: ...` is written in one place (perijax.cli.common.fail); docstrings may
     quote it."""

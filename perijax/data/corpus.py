@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from perijax.config import DataConfig, TrainConfig
+
 SOURCES = ("stdlib", "synthetic")
 EOD_TOKEN = "<|endoftext|>"
 MIN_VOCAB_SIZE = 256  # the bytes tokenizer needs every byte value
@@ -72,9 +74,9 @@ def load_token_data(
     source: str,
     vocab_size: int,
     *,
-    cache_dir: str | None = None,
-    val_fraction: float = 0.05,
-    seed: int = 0,
+    cache_dir: str | None = DataConfig.cache_dir,
+    val_fraction: float = DataConfig.val_fraction,
+    seed: int = TrainConfig.seed,
     log: Callable[[str], None] = print,
     max_files: int | None = None,
 ) -> TokenData:
@@ -120,9 +122,9 @@ def load_token_data(
 # --- stdlib: file list and split ------------------------------------------------------------
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    """Where prepared corpora and local copies of remote datasets live: `cache_dir`, else
-    $PERIJAX_CACHE, else ~/.cache/perijax."""
+def cache_root(cache_dir: str | None = DataConfig.cache_dir) -> Path:
+    """Where prepared corpora and local copies of remote datasets live: `cache_dir` (empty or
+    None: the default), else $PERIJAX_CACHE, else ~/.cache/perijax."""
     return Path(cache_dir or os.environ.get("PERIJAX_CACHE") or "~/.cache/perijax").expanduser()
 
 
@@ -377,7 +379,7 @@ _CHAIN_LEN = 1024
 
 
 def synthetic_token_data(
-    vocab_size: int, *, seed: int = 0, train_chains: int = 1024, val_chains: int = 50
+    vocab_size: int, *, seed: int = TrainConfig.seed, train_chains: int = 1024, val_chains: int = 50
 ) -> TokenData:
     """A deterministic sparse first-order Markov stream, in memory.
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from perijax import storage
+from perijax.config import DataConfig, TrainConfig
 from perijax.data.corpus import TokenData, cache_root, load_token_data
 from perijax.data.packing import PackedWindows, TokenStream, doc_offsets_from_eod
 from perijax.data.shards import PreparedDataset, local_copy, open_prepared
@@ -118,8 +119,8 @@ class Datasets:
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
-        num_threads: int = 2,
-        prefetch: int = 4,
+        num_threads: int = DataConfig.num_threads,
+        prefetch: int = DataConfig.prefetch,
         with_segment_ids: bool = False,
     ) -> TrainIterator:
         """Endless shuffled training batches: this process's rows of each global batch.
@@ -311,11 +312,11 @@ def _describe(tok: dict) -> str:
 def open_datasets(
     source: str,
     *,
-    path: str = "",
+    path: str = DataConfig.path,
     vocab_size: int,
-    seed: int = 0,
-    cache_dir: str | None = None,
-    val_fraction: float = 0.05,
+    seed: int = TrainConfig.seed,
+    cache_dir: str | None = DataConfig.cache_dir,
+    val_fraction: float = DataConfig.val_fraction,
     log: Callable[[str], None] = print,
     verify: bool = True,
 ) -> Datasets:
