@@ -84,6 +84,12 @@ def _einsum_bwd(spec, out_dtype, residuals, g):
 mixed_einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
+def __getattr__(name: str):
+    if name == "einsum":  # renamed: it is not `jnp.einsum` but its mixed-precision version
+        raise AttributeError("perijax.model.einsum is now perijax.model.mixed_einsum")
+    raise AttributeError(f"module 'perijax.model' has no attribute {name!r}")
+
+
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str, ...], dtype):
     init = jax.nn.initializers.normal(std)
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)

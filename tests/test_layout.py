@@ -120,3 +120,25 @@ def test_no_library_module_imports_a_command():
         if _is_command(dep)
     ]
     assert offenders == []
+
+
+def test_a_moved_module_or_name_fails_with_one_line_naming_the_new_one():
+    import subprocess
+    import sys
+
+    import pytest
+
+    import perijax
+    import perijax.model
+
+    for old, new in perijax.MOVED.items():
+        with pytest.raises(ModuleNotFoundError, match=f"^{old} is now {new}$"):
+            __import__(old)
+        assert new in _modules(), new
+        assert old not in _modules(), old
+    with pytest.raises(AttributeError, match="perijax.model.mixed_einsum"):
+        perijax.model.einsum  # noqa: B018
+    for module in ("perijax.bench", "perijax.data.prepare"):
+        run = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode != 0 and len(lines) == 1 and "perijax.cli." in lines[0], run.stderr

@@ -612,3 +612,7 @@ def _tokenizer_entry(tok, train_tokenizer: int, train_mb: float) -> dict:
 
 
 # --- command line ---------------------------------------------------------------------------
+
+
+if __name__ == "__main__":  # the command line moved: say where, in one line
+    sys.exit("the command line of perijax.data.prepare is `perijax prepare` (perijax.cli.prepare)")
