@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from perijax import checkpoint as checkpoint_lib
-from perijax.norms import NORM_ROLES
+from perijax.norms import NORM_ROLES, norm_name
 
 FP16_MAX = 65504.0
 
@@ -138,7 +138,7 @@ def layer_metrics(state: Any, grads: Any, params: Any, stats: dict) -> dict[str,
     if model_cfg.learnable_norm_scale:
         for sub in ("attn", "mlp"):
             for role in NORM_ROLES[model_cfg.ln_placement]:
-                key = f"{sub}_{role}_norm"
+                key = norm_name(sub, role)
                 if scanned:
                     gamma = jnp.mean(params["blocks"][key]["scale"][...], axis=1)
                 else:
