@@ -480,6 +480,42 @@ def test_rmsnorm_backward_equals_autodiff(shape, dtype):
     assert hlo.count("operand_precision={highest,highest}") == 2
 
 
+@pytest.mark.parametrize("learnable", [True, False])
+@pytest.mark.parametrize("norm_type", ["rmsnorm", "layernorm"])
+def test_cpu_normalizer_equals_the_formula(norm_type, learnable):
+    """What `tuning.normalizer` hands `Norm` on CPU computes the values and gradients of the
+    formula in perijax.norms that every other backend differentiates by autodiff."""
+    from perijax import norms, tuning
+
+    formula = norms.NORMALIZE[norm_type]
+    with tuning.planning_for("cpu"):
+        cpu = tuning.normalizer(norm_type, formula)
+    with tuning.planning_for("gpu"):
+        assert tuning.normalizer(norm_type, formula) is formula
+    assert cpu is not formula
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 5, 16)) * 3, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 16), jnp.float32) if learnable else None
+    bias = None
+    if learnable and norm_type == "layernorm":
+        bias = jnp.asarray(rng.standard_normal(16), jnp.float32)
+    args = [a for a in (x, scale, bias) if a is not None]
+
+    def fn(normalize):
+        def f(*a):
+            it = iter(a)
+            return normalize(next(it), next(it) if scale is not None else None,
+                             next(it) if bias is not None else None, 1e-6)  # fmt: skip
+
+        return jax.vjp(f, *args)
+
+    (got, got_vjp), (want, want_vjp) = fn(cpu), fn(formula)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_vjp(g), want_vjp(g), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _attention_inputs(dtype, masked):
     b, t, kv, g, dh = 2, 12, 2, 3, 8  # grouped queries: 3 query heads per key/value head
     keys = jax.random.split(jax.random.key(7), 5)

@@ -13,6 +13,7 @@ from flax import nnx
 from perijax import tuning
 from perijax.config import ModelConfig
 from perijax.model import Transformer
+from perijax.norms import layer_norm, rms_norm
 
 PLACEMENTS = ["pre", "post", "peri", "output"]
 
@@ -23,10 +24,13 @@ def test_one_decision_per_backend():
     assert tuning.backend() == "cpu" and tuning.current() is tuning.CPU
     with tuning.planning_for("gpu"):
         assert tuning.backend() == "gpu" and tuning.current() is tuning.ACCELERATOR
-        assert tuning.norm_kernels() is None and tuning.compiler_options() is None
+        assert tuning.normalizer("rmsnorm", rms_norm) is rms_norm
+        assert tuning.compiler_options() is None
         with tuning.planning_for("cpu"):
             assert tuning.current() is tuning.CPU
-    assert tuning.current() is tuning.CPU and tuning.norm_kernels() is not None
+    assert tuning.current() is tuning.CPU
+    assert tuning.normalizer("rmsnorm", rms_norm) is not rms_norm  # the written-out backward
+    assert tuning.normalizer("layernorm", layer_norm) is not layer_norm
 
 
 def test_cpu_only_modules_sit_behind_the_tuning_package():
