@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from perijax.config import Config, ConfigError
+from perijax.metrics import perplexity
 
 __all__ = ["evaluate_checkpoint", "run_tasks"]
 
@@ -200,7 +201,7 @@ def evaluate_checkpoint(
     log(f"eval: {int(tokens):,} tokens in {time.perf_counter() - t0:.1f}s")
     return {
         "loss": loss,
-        "perplexity": float(np.exp(min(loss, 80.0))),
+        "perplexity": perplexity(loss),
         "bits_per_token": loss / math.log(2),
         "tokens": int(tokens),
         "batches": done,
@@ -342,5 +343,3 @@ def run_tasks(
 
 
 # ------------------------------------------------------------------------------------- command
-
-

@@ -11,6 +11,8 @@ import os
 import time
 from typing import Any
 
+import numpy as np
+
 from perijax import storage
 from perijax.config import ConfigError
 
@@ -182,6 +184,19 @@ def expand_layers(metrics: dict[str, Any]) -> dict[str, float]:
         else:
             out[key] = float(value)
     return out
+
+
+PERPLEXITY_MAX_LOSS = 80.0
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), the loss clamped at PERPLEXITY_MAX_LOSS = 80 first (the trainer's eval and
+    `perijax eval` both report it). A diverged loss then still gives a finite number, exp(80) ~
+    5.5e34, below float32's overflow at exp(88.7), so TensorBoard's float32 scalars plot it,
+    rather than inf, which metrics.jsonl would record as the string "inf". Real losses stay far
+    below 80 (uniform guessing over a 10^6-token vocabulary is ln(10^6) ~ 13.8), so the clamp
+    changes nothing else; a NaN loss stays NaN."""
+    return float(np.exp(min(loss, PERPLEXITY_MAX_LOSS)))
 
 
 def format_duration(seconds: float) -> str:

@@ -1,12 +1,23 @@
 """Training: `train(cfg, workdir)`, the loop around the pure step of perijax.step.
 
-It sets up the mesh, the data and the state (initialized, resumed or restored), compiles the step
-with `jax.jit` and buffer donation, and runs it, logging, evaluating, checkpointing and rolling
-back on repeated bad steps. `train()` reads top to bottom in sections: data -> init -> compile
--> loop (batch, step, log, eval).
+`train()` reads top to bottom in sections: mesh -> data -> restore or init -> workdir ->
+compile -> loop. Everything a launch can get wrong (mesh, batch, data, a checkpoint that does
+not match) is checked before the workdir is written; the step is compiled with `jax.jit` and
+buffer donation.
 
-Just over 500 lines: the loop's own parts (the batch layout, the log-step reader, the processes'
-agreement, the rollback) sit beside it, since nothing else uses them.
+The loop takes one decision per step, from `Schedule`, the one place that holds the step-number
+conventions: `step` is the number of updates completed once the current one has run (the first
+update of a fresh run is step 1, the last is `train.total_steps`). Before update `step` runs,
+`Schedule.logs(step)` says whether it is a log step, which runs a different compiled function
+(telemetry); once it has run, `Schedule.after(step, ...)` returns a frozen `Due` (log, read the
+log metrics now, eval, save, stop) from the step number, the checkpointer's step and clock
+schedule and the stop signals, the clock and the signals agreed by all processes (`_Agreement`).
+The loop body is then: batch, step, read the last log step's metrics (`_StepLog`, one step
+late), `due = schedule.after(...)`, hold this step's metrics if `due.log`, and act: roll back
+(`Due.rolls_back`), eval, stop, save.
+
+The loop's own parts (the schedule, the log-step reader, the processes' agreement, the batch
+layout, the rollback) sit below `train()`, since nothing else uses them.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from perijax.metrics import (
     check_trackers,
     expand_layers,
     format_duration,
+    perplexity,
     progress_line,
 )
 from perijax.model import check_backend, compute_dtype
@@ -61,13 +73,13 @@ def state_shardings(cfg: Config, mesh: Mesh) -> TrainState:
     return sharding_lib.state_shardings(jax.eval_shape(lambda: create_state(cfg)), mesh)
 
 
-def setup_mesh(cfg: Config, devices=None) -> Mesh:
-    """The configured mesh, checked against the model and the batch before any compile."""
+def setup(cfg: Config, devices=None) -> tuple[Mesh, Config]:
+    """The configured mesh over `devices` (default: all) and `cfg` with its batch resolved for
+    it (`resolve_grad_accum`). Raises ConfigError, before any compile or write, when the mesh
+    does not fit the devices or the model, or the micro-batch does not split over the mesh."""
     mesh = sharding_lib.make_mesh(cfg.mesh, devices)
-    shape = tuple(mesh.shape.values())
-    sharding_lib.check_model_fits_mesh(cfg.model, shape)
-    resolve_grad_accum(cfg, mesh)
-    return mesh
+    sharding_lib.check_model_fits_mesh(cfg.model, tuple(mesh.shape.values()))
+    return mesh, resolve_grad_accum(cfg, mesh)
 
 
 def resolve_grad_accum(cfg: Config, mesh: Mesh) -> Config:
@@ -121,7 +133,10 @@ def document_eod(cfg: Config, data: data_lib.Datasets) -> int | None:
     return data.eod_id
 
 
-def evaluate(eval_fn: Callable, state: TrainState, batches: list[jax.Array]) -> dict[str, float]:
+def eval_metrics(
+    eval_fn: Callable, state: TrainState, batches: list[jax.Array]
+) -> dict[str, float]:
+    """The eval loss and perplexity of `state`, averaged over the tokens of `batches`."""
     loss_sum, tokens = 0.0, 0.0
     for batch in batches:
         with jax.set_mesh(batch.sharding.mesh):
@@ -129,7 +144,7 @@ def evaluate(eval_fn: Callable, state: TrainState, batches: list[jax.Array]) -> 
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
     loss = loss_sum / tokens
-    return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 80.0)))}
+    return {"eval/loss": loss, "eval/perplexity": perplexity(loss)}
 
 
 def load_data(cfg: Config, log: Callable[[str], None] = print) -> data_lib.Datasets:
@@ -183,13 +198,20 @@ def _restore_or_init(cfg: Config, mesh: Mesh, own: Any, log) -> tuple:
         step = step if step is not None else source.latest_step()
         if step is None:  # only incomplete steps there (a run killed during its first save)
             return init_state(cfg, mesh), None, "initialized from train.seed"
-        state, data_state, meta = source.restore(
-            step, abstract_state(cfg, mesh), added_state(cfg), RETIRED_STATE
-        )
-        state = continue_loss_scale(cfg, state, meta)
+        state, data_state = _restore(cfg, mesh, source, step)
     finally:
         source.manager.close()
     return state, data_state, how.format(directory / str(step))
+
+
+def _restore(cfg: Config, mesh: Mesh, source: Checkpointer, step: int) -> tuple:
+    """Checkpoint `step` of `source` read into the shardings of `cfg`'s state (parameters the
+    config added get their defaults, retired ones are dropped), its loss scale continued
+    (`continue_loss_scale`). Returns (state, data_state or None)."""
+    state, data_state, meta = source.restore(
+        step, abstract_state(cfg, mesh), added_state(cfg), RETIRED_STATE
+    )
+    return continue_loss_scale(cfg, state, meta), data_state
 
 
 def record_config(workdir: Any, resolved: dict[str, Any], step: int) -> None:
@@ -241,8 +263,7 @@ def train(
     # --- mesh: shapes are checked against the devices, the model and the batch first.
     check_backend(cfg.model)
     check_trackers(cfg.train)
-    mesh = setup_mesh(cfg, devices)
-    cfg = resolve_grad_accum(cfg, mesh)
+    mesh, cfg = setup(cfg, devices)
     t_cfg = cfg.train
     layout = _BatchLayout.of(cfg, n_processes)
     seq_len, accum = layout.seq_len, layout.accum
@@ -280,65 +301,55 @@ def train(
         writer.flush()  # metrics up to a checkpoint survive a kill (object storage)
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(eval_fn, state, eval_data)
+        metrics = eval_metrics(eval_fn, state, eval_data)
         writer.write(step, metrics)
         loss, ppl = metrics["eval/loss"], metrics["eval/perplexity"]
         log(f"eval  step {step}  loss {loss:.4f}  ppl {ppl:.1f}")
         return metrics
 
-    # --- loop
+    # --- loop: one decision per step (`Schedule.after`), then acted on.
     last_eval = run_eval(0) if start_step == 0 else {}
     step_log = _StepLog(t_cfg, layout.tokens_per_step, writer, log, start_step)
-    agreement = _Agreement(n_processes)
+    schedule = Schedule(t_cfg, ckpt, n_processes)
     rollbacks, preempted = 0, False
     step = start_step
     t_start, t_loop = time.perf_counter(), None
     with StopSignal() as stop:
         while step < t_cfg.total_steps:
+            step += 1  # the update this iteration runs (Schedule's convention)
             local = np.asarray(next(batches)).reshape(layout.local_rows, accum, seq_len + 1)
-            logs = (step + 1) % t_cfg.log_every_steps == 0 or step + 1 == t_cfg.total_steps
+            run_step = log_step_fn if schedule.logs(step) else step_fn
             with jax.set_mesh(mesh):
                 batch = sharding_lib.global_batch(local, batch_sharding, global_shape)
                 with jax.transfer_guard("disallow"):  # nothing implicit crosses host<->device
-                    state, metrics = (log_step_fn if logs else step_fn)(state, batch)
-            step += 1
+                    state, metrics = run_step(state, batch)
             if t_loop is None:  # the first step includes compilation: report it separately
                 jax.block_until_ready(metrics)
                 log(f"compiled and ran the first step in {time.perf_counter() - t_start:.1f}s")
                 t_loop = time.perf_counter()
                 step_log.restart(step)
-            last = step == t_cfg.total_steps
-            every = t_cfg.eval_every_steps
-            eval_now = bool(every and step % every == 0) or last
-            # The guard's rollback flag is sticky, so it is read only where the host syncs anyway:
-            # with the log-step metrics and before a checkpoint is written.
-            needs_rollback = step_log.read(rollbacks)
-            stop_now, time_due = agreement.decide(
-                (stop.received is not None, ckpt.due_by_time()),
-                sync_now=logs or eval_now or ckpt.due_by_steps(step),
-            )
-            save_now = ckpt.due_by_steps(step) or time_due or last
-            if logs:
-                step_log.hold(step, metrics)
-                if last or save_now or eval_now or stop_now:
-                    needs_rollback |= step_log.read(rollbacks)
-            if needs_rollback or (save_now and bool(state.needs_rollback)):
+            # The last log step's metrics, one step late (this update is already queued). Read
+            # before the decision: it sees what arrived while the host waited (a stop signal).
+            guard_asked = step_log.read(rollbacks)
+            due = schedule.after(step, stop_requested=stop.received is not None)
+            guard_asked |= step_log.hold(due, metrics, rollbacks)
+            if due.rolls_back(guard_asked, state):
                 state, step = _roll_back(cfg, mesh, ckpt, batches, step, rollbacks, log)
                 rollbacks += 1
                 writer.write(step, {"guard/rollbacks": rollbacks})
                 step_log.restart(step)  # drops the metrics of the steps rolled back
                 continue
-            if eval_now:
+            if due.eval:
                 last_eval = run_eval(step)
                 step_log.restart(step)
-            if stop_now:
+            if due.stop:
                 save(step)
                 ckpt.wait()
                 preempted = True
                 why = f"signal {stop.received}" if stop.received else "a signal to another process"
                 log(f"stopped by {why}: checkpoint {step} saved; rerun to resume")
                 break
-            if save_now:
+            if due.save:
                 save(step)
     ckpt.close()
     writer.close()
@@ -346,6 +357,79 @@ def train(
         total_time = time.perf_counter() - (t_loop or time.perf_counter())
         log(f"done: step {step} in {format_duration(total_time)}; workdir {workdir}")
     return {"train": step_log.last, "eval": last_eval, "state": state, "preempted": preempted}
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """What the loop does once update `step` has run (`Schedule.after` decides it)."""
+
+    step: int
+    log: bool  # it ran as a log step: its metrics are held, to be written
+    read_now: bool  # a log step whose metrics are read at once rather than one step late
+    eval: bool
+    save: bool
+    stop: bool  # save, then end the loop (preempted)
+
+    def rolls_back(self, guard_asked: bool, state: TrainState) -> bool:
+        """Whether to restore the last checkpoint instead: the guard asked for it in the log
+        metrics just read (`guard_asked`), or a save is due and the state's flag, sticky until
+        a rollback, is set (a state that needs rolling back is never saved). Both are read only
+        where the host syncs anyway."""
+        return guard_asked or (self.save and bool(state.needs_rollback))
+
+
+class Schedule:
+    """The loop's decisions and the one statement of its step-number conventions.
+
+    `step` is the number of updates completed once the current update has run: the first update
+    of a fresh run is step 1 (step 0, before any update, is evaluated by the loop before it
+    starts), the last is `train.total_steps`; a resumed run continues from its checkpoint's step.
+    Update `step`
+
+    - logs when `step % train.log_every_steps == 0` or `step == total_steps`. A log step runs
+      the log-step variant of the compiled step (telemetry), so this is asked before the update
+      runs (`logs`); its metrics are held and read one step late, once the next update is
+      queued, so the device never waits for the host;
+    - evaluates when `step % train.eval_every_steps == 0` (0: never) or `step == total_steps`;
+    - saves when `Checkpointer.due_by_steps(step)` (`checkpoint.every_steps`), when
+      `checkpoint.every_minutes` have passed (`Checkpointer.due_by_time`, process 0's clock
+      counts) or `step == total_steps`;
+    - stops (saving first) once a stop signal reached any process;
+    - has its log metrics read at once (`read_now`) when it logs and also evaluates, saves,
+      stops or is the last: nothing held is lost, and the host waits there anyway.
+
+    The stop and clock flags are agreed by all processes (`_Agreement`): gathered at a step that
+    logs, evaluates or saves by steps and taken at the next step, so `after` must be called once
+    per update on every process. The loop calls it after reading the last log step's metrics
+    (the host has waited for that step), so it sees a stop signal that arrived meanwhile.
+    Rolling back is `Due.rolls_back`, given what the guard said.
+    """
+
+    def __init__(self, t_cfg: Any, ckpt: Checkpointer, n_processes: int):
+        self.total, self.log_every = t_cfg.total_steps, t_cfg.log_every_steps
+        self.eval_every = t_cfg.eval_every_steps
+        self.ckpt = ckpt
+        self.agreement = _Agreement(n_processes)
+
+    def logs(self, step: int) -> bool:
+        """Whether update `step` is a log step (asked before it runs: it picks the compiled
+        step)."""
+        return step % self.log_every == 0 or step == self.total
+
+    def after(self, step: int, stop_requested: bool) -> Due:
+        """What to do once update `step` has run; `stop_requested`: a stop signal reached this
+        process."""
+        last = step == self.total
+        log = self.logs(step)
+        evaluate = bool(self.eval_every and step % self.eval_every == 0) or last
+        save_by_steps = self.ckpt.due_by_steps(step)
+        stop, save_by_time = self.agreement.decide(
+            (stop_requested, self.ckpt.due_by_time()),
+            sync_now=log or evaluate or save_by_steps,
+        )
+        save = save_by_steps or save_by_time or last
+        read_now = log and (last or save or evaluate or stop)
+        return Due(step, log=log, read_now=read_now, eval=evaluate, save=save, stop=stop)
 
 
 class _StepLog:
@@ -366,17 +450,26 @@ class _StepLog:
         self.mark: tuple[float, int] = (0.0, start_step)  # (time, step) the clock runs from
         self.last: dict[str, float] = {}  # the last metrics read
 
-    def hold(self, step: int, metrics: dict) -> None:
+    def hold(self, due: Due, metrics: dict, rollbacks: int) -> bool:
+        """Holds this update's `metrics` if it is a log step (`due.log`), to be read by the
+        next update's `read`, or reads them at once when `due.read_now` (the loop evals, saves,
+        stops or ends here, so nothing held is lost). Returns `read`'s rollback request, False
+        when nothing was read."""
+        if not due.log:
+            return False
         for x in jax.tree.leaves(metrics):
             x.copy_to_host_async()
-        self.pending = (step, metrics)
+        self.pending = (due.step, metrics)
+        return self.read(rollbacks) if due.read_now else False
 
     def restart(self, step: int) -> None:
         self.pending, self.mark = None, (time.perf_counter(), step)
 
     def read(self, rollbacks: int) -> bool:
         """Writes and logs the held step's metrics, if any; returns the guard's rollback
-        request. Raises TrainingDiverged on a non-finite loss without the guard."""
+        request (its flag is sticky, so reading it only with the log metrics, where the host
+        syncs anyway, misses nothing). Raises TrainingDiverged on a non-finite loss without the
+        guard."""
         if self.pending is None:
             return False
         (at, device_metrics), self.pending = self.pending, None
@@ -529,10 +622,7 @@ def _roll_back(cfg, mesh, ckpt: Checkpointer, batches, step: int, rollbacks: int
             else f"train.max_rollbacks={t.max_rollbacks} reached"
         )
         raise TrainingDiverged(f"{report}; {why}")
-    state, data_state, meta = ckpt.restore(
-        latest, abstract_state(cfg, mesh), added_state(cfg), RETIRED_STATE
-    )
-    state = continue_loss_scale(cfg, state, meta)
+    state, data_state = _restore(cfg, mesh, ckpt, latest)
     if not t.rollback_skips_batches and data_state is not None:
         batches.set_state(data_state)
     log(
