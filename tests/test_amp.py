@@ -161,7 +161,7 @@ def test_bfloat16_step_is_the_unscaled_step(step):
 
 def test_loss_scale_is_checkpointed_and_old_checkpoints_restore(tmp_path, step):
     cfg = config()
-    mesh = train_lib.setup_mesh(cfg)
+    mesh = train_lib.setup(cfg)[0]
     state, _ = step(train_lib.init_state(cfg, mesh), batch(0))
     state = state.replace(loss_scale=jnp.float32(512.0), scale_good_steps=jnp.int32(7))
     restored = save_and_restore(tmp_path / "new", cfg, mesh, state)

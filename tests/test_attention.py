@@ -267,7 +267,7 @@ def test_training_with_masking_differs_only_where_documents_meet():
     results = {}
     for masking in (False, True):
         cfg = _train_cfg(masking)
-        mesh = train_lib.setup_mesh(cfg, jax.devices()[:1])
+        mesh = train_lib.setup(cfg, jax.devices()[:1])[0]
         vocab, t = cfg.model.vocab_size, cfg.data.seq_len
         b = cfg.train.global_batch_size
         r = np.random.default_rng(0)

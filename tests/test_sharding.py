@@ -100,7 +100,7 @@ def _spec(x) -> tuple:
 def test_parameter_shardings_follow_the_rules_table():
     """fsdp=2 x tensor=4: embed -> fsdp, heads/mlp/vocab -> tensor, kv (head dim) replicated."""
     cfg = config(**{"mesh.data": "1", "mesh.fsdp": "2", "mesh.tensor": "4"})
-    state = train_lib.init_state(cfg, train_lib.setup_mesh(cfg))
+    state = train_lib.init_state(cfg, train_lib.setup(cfg)[0])
     p = state.params
     attn, mlp = p["blocks"][0]["attn"], p["blocks"][0]["mlp"]
     assert _spec(p["embed"]) == ("tensor", "fsdp")  # (vocab, embed)
@@ -124,7 +124,7 @@ def test_parameter_shardings_follow_the_rules_table():
 def test_indivisible_dimension_is_replicated():
     """4 kv heads cannot split over tensor=8: they are replicated instead of failing."""
     cfg = config(**{"mesh.data": "1", "mesh.fsdp": "1", "mesh.tensor": "8"})
-    state = train_lib.init_state(cfg, train_lib.setup_mesh(cfg))
+    state = train_lib.init_state(cfg, train_lib.setup(cfg)[0])
     assert _spec(state.params["blocks"][0]["attn"]["wk"]) == ()
     assert _spec(state.params["blocks"][0]["attn"]["wq"]) == (None, "tensor")
 

@@ -116,7 +116,7 @@ def test_telemetry_equals_numpy_forward(placement, scan):
 
 
 def _compiled(cfg, telemetry_on):
-    mesh = train_lib.setup_mesh(cfg, jax.devices()[:1])
+    mesh = train_lib.setup(cfg, jax.devices()[:1])[0]
     step = train_lib.compile_train_step(cfg, mesh, telemetry_on=telemetry_on)
     abstract = jax.eval_shape(lambda: step_lib.create_state(cfg))
     batch = jax.ShapeDtypeStruct((2, 2, 13), jnp.int32)  # two micro-batches

@@ -33,7 +33,7 @@ def _library_fusions_with_reductions(hlo: str) -> int:
 
 def test_cpu_steps_send_only_matmuls_to_the_library_and_compute_the_same_update():
     cfg = config_lib.load(str(ROOT / "configs" / "tiny.py"), list(BASE.items()))
-    mesh = train_lib.setup_mesh(cfg, jax.devices()[:1])
+    mesh = train_lib.setup(cfg, jax.devices()[:1])[0]
     state = train_lib.init_state(cfg, mesh)
     batch = np.random.default_rng(0).integers(0, 256, (8, 1, 65)).astype(np.int32)
     assert xla_options.step_compiler_options() == xla_options.CPU_OPTIONS

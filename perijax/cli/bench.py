@@ -205,8 +205,7 @@ def bench(
 
     # --- mesh and batch: checked before anything is measured.
     check_backend(cfg.model)
-    mesh = train_lib.setup_mesh(cfg)
-    cfg = train_lib.resolve_grad_accum(cfg, mesh)
+    mesh, cfg = train_lib.setup(cfg)
     devices = list(mesh.devices.flat)
     local_devices = [d for d in devices if d.process_index == jax.process_index()]
     seq_len = cfg.data.seq_len

@@ -76,8 +76,7 @@ def plan(cfg, accelerator: str) -> dict:
         attention="blockwise" if target_attention in ("cudnn", "splash") else target_attention,
     )
     cfg = dataclasses.replace(cfg, model=model)
-    mesh = train_lib.setup_mesh(cfg)
-    cfg = train_lib.resolve_grad_accum(cfg, mesh)
+    mesh, cfg = train_lib.setup(cfg)
     t_cfg = cfg.train
     accum = t_cfg.grad_accum_steps
     batch_shape = (t_cfg.global_batch_size // accum, accum, cfg.data.seq_len + 1)

@@ -318,7 +318,7 @@ def _check_devices(configs: dict[str, Any]) -> None:
     for name, cfg in configs.items():
         try:
             check_backend(cfg.model)
-            train_lib.setup_mesh(cfg)
+            train_lib.setup(cfg)
         except ConfigError as e:
             raise ConfigError(f"run {name}: {e}") from e
 
