@@ -37,3 +37,15 @@ class _MovedModules(importlib.abc.MetaPathFinder):
 
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
     sys.meta_path.insert(0, _MovedModules())
+
+
+def renamed(module: str, names: dict[str, str]):
+    """A module `__getattr__` for names that were renamed ({old: what to use now}): using an old
+    name fails with one line naming the new one."""
+
+    def __getattr__(name: str):
+        if name in names:
+            raise AttributeError(f"{module}.{name} is now {module}.{names[name]}")
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -27,7 +27,7 @@ from flax import nnx
 
 from perijax import attention as attention_lib
 from perijax import loss as loss_lib
-from perijax import tuning
+from perijax import renamed, tuning
 from perijax.config import ModelConfig
 from perijax.norms import NORM_ROLES, Norm, norm_name, residual
 from perijax.sharding import constrain
@@ -83,11 +83,8 @@ def _einsum_bwd(spec, out_dtype, residuals, g):
 
 mixed_einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
-
-def __getattr__(name: str):
-    if name == "einsum":  # renamed: it is not `jnp.einsum` but its mixed-precision version
-        raise AttributeError("perijax.model.einsum is now perijax.model.mixed_einsum")
-    raise AttributeError(f"module 'perijax.model' has no attribute {name!r}")
+# Renamed: `einsum` was not `jnp.einsum` but its mixed-precision version.
+__getattr__ = renamed(__name__, {"einsum": "mixed_einsum"})
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str, ...], dtype):

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from perijax import attention as attention_lib
 from perijax import data as data_lib
-from perijax import distributed, storage
+from perijax import distributed, renamed, storage
 from perijax import sharding as sharding_lib
 from perijax.checkpoint import Checkpointer, resolve_restore_path
 from perijax.config import Config, ConfigError, flat_dict, to_dict
@@ -62,6 +62,10 @@ from perijax.step import (
     train_step,
 )
 from perijax.tuning import compiler_options
+
+# Renamed: `evaluate` shared its name with the module perijax.evaluate; `setup` returns the
+# resolved config with the mesh.
+__getattr__ = renamed(__name__, {"evaluate": "eval_metrics", "setup_mesh": "setup"})
 
 
 class TrainingDiverged(RuntimeError):

@@ -136,8 +136,18 @@ def test_a_moved_module_or_name_fails_with_one_line_naming_the_new_one():
             __import__(old)
         assert new in _modules(), new
         assert old not in _modules(), old
-    with pytest.raises(AttributeError, match="perijax.model.mixed_einsum"):
+    import perijax.train
+
+    with pytest.raises(
+        AttributeError, match="^perijax.model.einsum is now perijax.model.mixed_einsum$"
+    ):
         perijax.model.einsum  # noqa: B018
+    with pytest.raises(
+        AttributeError, match="^perijax.train.evaluate is now perijax.train.eval_metrics$"
+    ):
+        perijax.train.evaluate  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        perijax.train.nothing  # noqa: B018
     for module in ("perijax.bench", "perijax.data.prepare"):
         run = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True)
         lines = run.stderr.strip().splitlines()
