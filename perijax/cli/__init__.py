@@ -30,6 +30,8 @@ __all__ = ["DEFAULT_CONFIG", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `perijax` parser; each subcommand's parser carries its entry point as `args.run(args,
+    overrides) -> int` (`args.launcher` for launch-slurm and launch-tpu)."""
     from perijax import launchers
     from perijax.cli import bench, generate, hf, plan, prepare, train
     from perijax.cli import eval as eval_cli
@@ -43,17 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"perijax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train.add_parser(sub)
-    plan.add_parser(sub)
-    bench.add_parser(sub)
-    local.add_parser(sub)
-    launchers.add_parsers(sub)
-    sweep.add_parser(sub)
-    report.add_parser(sub)
-    generate.add_parser(sub)
-    eval_cli.add_parser(sub)
-    hf.add_parsers(sub)
-    prepare.add_parser(sub)
+    adders = [train.add_parser, plan.add_parser, bench.add_parser, local.add_parser]
+    adders += [launchers.add_parsers, sweep.add_parser, report.add_parser, generate.add_parser]
+    adders += [eval_cli.add_parser, hf.add_parsers, prepare.add_parser]
+    for add in adders:  # in the order of `perijax --help`
+        add(sub)
+    runs = {
+        "train": train.run,
+        "plan": plan.run,
+        "bench": bench.run,
+        "sweep": sweep.run,
+        "report": report.run,
+        "import": hf.run_import,
+        "launch-local": lambda args, _: local.run(args),
+        "generate": lambda args, _: generate.run(args),
+        "eval": lambda args, _: eval_cli.run(args),
+        "export": lambda args, _: hf.run_export(args),
+        "prepare": lambda args, _: prepare.run(args),
+    }
+    for name, run in runs.items():
+        sub.choices[name].set_defaults(run=run)
     return parser
 
 
@@ -83,24 +94,4 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"perijax {args.command} takes no --config.{key}: it uses the checkpoint's")
     if hasattr(args, "launcher"):  # launch-slurm, launch-tpu (perijax/launchers)
         return args.launcher(args, overrides)
-    from perijax.cli import bench, generate, hf, plan, prepare, train
-    from perijax.cli import eval as eval_cli
-    from perijax.experiments import report, sweep
-    from perijax.launchers import local
-
-    commands = {
-        "train": lambda: train.run(args, overrides),
-        "sweep": lambda: sweep.run(args, overrides),
-        "report": lambda: report.run(args, overrides),
-        "plan": lambda: plan.run(args, overrides),
-        "launch-local": lambda: local.run(args),
-        "bench": lambda: bench.run(args, overrides),
-        "export": lambda: hf.run_export(args),
-        "import": lambda: hf.run_import(args, overrides),
-        "eval": lambda: eval_cli.run(args),
-        "generate": lambda: generate.run(args),
-        "prepare": lambda: prepare.run(args),
-    }
-    if args.command not in commands:
-        return fail(f"unknown command {args.command!r}")
-    return commands[args.command]()
+    return args.run(args, overrides)
