@@ -274,9 +274,9 @@ def emit(args: argparse.Namespace, lines: list[str]) -> list[str]:
             log_dir=args.log_dir,
         )
         return [script]
-    from perijax.launchers import tpu
+    from perijax.launchers import tpu_steps
 
-    return tpu.per_run_commands(
+    return tpu_steps.per_run_commands(
         lines,
         name=args.tpu or "",
         zone=args.zone or "",
