@@ -54,8 +54,9 @@ def resolve(impl: str, backend: str | None = None) -> str:
 
 
 def check(impl: str, compute_dtype, backend: str | None = None) -> None:
-    """Fails early (ConfigError) when an explicitly chosen kernel cannot run on this backend."""
-    backend = backend or jax.default_backend()
+    """Fails early (ConfigError) when an explicitly chosen kernel cannot run on `backend`
+    (default: the one traced for, `perijax.tuning.backend()`)."""
+    backend = backend or tuning.backend()
     needs = BACKEND_OF.get(impl)
     if needs and backend != needs[0]:
         raise ConfigError(
@@ -72,7 +73,7 @@ def check(impl: str, compute_dtype, backend: str | None = None) -> None:
 def describe(impl: str, backend: str | None = None) -> str:
     """One phrase for the start-up log: which kernel runs and why."""
     chosen = resolve(impl, backend)
-    return f"{chosen} (auto on {backend or jax.default_backend()})" if impl == "auto" else chosen
+    return f"{chosen} (auto on {backend or tuning.backend()})" if impl == "auto" else chosen
 
 
 def note_once(message: str) -> None:
@@ -425,8 +426,9 @@ def splash_attention(
     """TPU Pallas splash attention, causal, with grouped-query heads passed natively (the kernel
     maps query head h to kv head h // (H / K); no K/V copies) and segment ids for document
     masking. Runs per shard under `shard_map` when a mesh is set: batch over data x fsdp, heads
-    over tensor. `interpret` (default: off TPU) runs the Pallas kernel in interpret mode, which
-    works on CPU (tests)."""
+    over tensor. `interpret` (default: unless tracing for a TPU, `perijax.tuning.backend()`, so a
+    TPU program compiled from a CPU host holds the real Mosaic kernel) runs the Pallas kernel in
+    interpret mode, which works on CPU (tests)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -434,7 +436,7 @@ def splash_attention(
 
     t, dh = q.shape[1], q.shape[-1]
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = tuning.backend() != "tpu"
     mesh = jax.sharding.get_abstract_mesh()
     mesh = None if mesh.empty else mesh
     # Segment ids only with documents: without them the kernel masks by causality alone.

@@ -37,11 +37,11 @@ __all__ = ["ModelConfig", "Transformer", "Block", "Attention", "Mlp", "count_par
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
-    """Resolves `dtype="auto"`: bfloat16 on accelerators, float32 on CPU, where runs serve as
-    exact references (configs/small.py sets bfloat16 explicitly, which pays on CPU too;
-    docs/performance.md)."""
+    """Resolves `dtype="auto"` for the backend traced for (`perijax.tuning.backend()`): bfloat16
+    on accelerators, float32 on CPU, where runs serve as exact references (configs/small.py sets
+    bfloat16 explicitly, which pays on CPU too; docs/performance.md)."""
     if cfg.dtype == "auto":
-        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+        return jnp.bfloat16 if tuning.backend() in ("gpu", "tpu") else jnp.float32
     return jnp.dtype(cfg.dtype)
 
 

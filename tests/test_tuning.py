@@ -72,3 +72,42 @@ def test_accelerator_choices_compute_the_cpu_function(placement, norm_type):
     assert abs(float(cpu_loss) - float(acc_loss)) < 1e-5
     for a, b in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(acc_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_choices_follow_the_backend_traced_for(monkeypatch):
+    """`planning_for` decides what the jax backend would otherwise: the automatic compute dtype,
+    the automatic attention kernel and whether an explicit one can run, and whether splash runs
+    as the real Pallas kernel or interpreted. A TPU program compiled from a CPU host must hold
+    the real kernel (docs/scaling.md)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    from perijax import attention
+    from perijax.config import ConfigError
+    from perijax.model import compute_dtype
+
+    auto = ModelConfig()
+    interpreted = []
+    real = sk.make_splash_mha
+
+    def record(*args, interpret, **kwargs):
+        interpreted.append(interpret)
+        return real(*args, interpret=True, **kwargs)  # traceable on CPU either way
+
+    monkeypatch.setattr(sk, "make_splash_mha", record)
+    q = k = v = jnp.zeros((1, 128, 2, 64), jnp.float32)  # [B, T, H, Dh]: one 128-wide block
+
+    def trace_splash():  # a new function each time: jax caches traces by function
+        jax.eval_shape(lambda *a: attention.splash_attention(*a), q, k, v)
+
+    for backend, dtype, kernel in [("tpu", "bfloat16", "splash"), ("gpu", "bfloat16", "cudnn")]:
+        with tuning.planning_for(backend):
+            assert jnp.dtype(compute_dtype(auto)) == jnp.dtype(dtype)
+            assert attention.describe("auto") == f"{kernel} (auto on {backend})"
+            attention.check(kernel, jnp.bfloat16)
+            trace_splash()
+    assert jnp.dtype(compute_dtype(auto)) == jnp.float32
+    assert attention.describe("auto") == "xla (auto on cpu)"
+    with pytest.raises(ConfigError, match="model.attention=splash needs a TPU"):
+        attention.check("splash", jnp.bfloat16)
+    trace_splash()
+    assert interpreted == [False, True, True]  # the real kernel only when tracing for a TPU

@@ -73,7 +73,10 @@ def current(backend_name: str | None = None) -> Tuning:
 
 @contextlib.contextmanager
 def planning_for(backend_name: str) -> Iterator[None]:
-    """Within the block, trace for `backend_name` ("gpu", "tpu", "cpu") whatever JAX runs on."""
+    """Within the block, trace for `backend_name` ("gpu", "tpu", "cpu") whatever JAX runs on.
+    JAX caches a function's traces without this setting in the key: trace for another backend
+    with a function object not traced outside the block (a new `jax.jit`, as the trainer's
+    compile functions make)."""
     _planning.append(backend_name)
     try:
         yield
