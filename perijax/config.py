@@ -283,8 +283,9 @@ class CheckpointConfig:
     restore: str = ""  # a checkpoint step folder, checkpoints folder or workdir to start from
 
     def check(self) -> None:
-        _non_negative(self, "checkpoint", "every_steps", "every_minutes", "keep")
-        _non_negative(self, "checkpoint", "keep_every_steps")
+        _non_negative(
+            self, "checkpoint", "every_steps", "every_minutes", "keep", "keep_every_steps"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

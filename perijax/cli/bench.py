@@ -41,7 +41,7 @@ from typing import Any
 
 from perijax import __version__
 from perijax import config as config_lib
-from perijax.cli.common import fail, split_overrides
+from perijax.cli.common import DEFAULT_CONFIG, fail, split_overrides
 from perijax.config import Config, ConfigError, to_dict
 from perijax.peaks import GIB, PEAK_SIZES, resolve_peak
 
@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="time the train step per LayerNorm placement: tokens/s, MFU, peak memory",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--config", default="configs/tiny.py", metavar="FILE[:ARG]")
+    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE[:ARG]")
     p.add_argument(
         "--placements",
         metavar="LIST",

@@ -21,6 +21,7 @@ import json
 import math
 import time
 
+from perijax.cli.common import DEFAULT_CONFIG, fail
 from perijax.peaks import ACCELERATORS, GIB
 
 
@@ -30,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="compile the train step for a target topology and report per-device memory",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--config", default="configs/tiny.py", metavar="FILE[:ARG]")
+    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE[:ARG]")
     p.add_argument("--devices", type=int, default=8, help="number of chips to plan for")
     p.add_argument(
         "--accelerator",
@@ -190,7 +191,6 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     import jax
 
     from perijax import config as config_lib
-    from perijax.cli.common import fail
     from perijax.config import ConfigError
 
     if args.devices < 1:
