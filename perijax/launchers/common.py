@@ -53,6 +53,8 @@ class TrainCommand:
     args: tuple[str, ...]  # exactly as given, starting with "train"
     config: Any  # perijax.config.Config
     workdir: str
+    config_arg: str = ""  # --config FILE[:ARG] as given
+    overrides: tuple[tuple[str, str], ...] = ()  # the --config.KEY=VALUE overrides
 
     def argv(self, perijax: Sequence[str]) -> list[str]:
         """The command line that runs it, e.g. perijax=["perijax"] or [python, -m, perijax.cli]."""
@@ -110,7 +112,13 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
             "path wins over the run's own newer checkpoints (docs/checkpointing.md); copy the "
             "checkpoint to start from into WORKDIR/checkpoints/ instead"
         )
-    return TrainCommand(args=tuple(args), config=cfg, workdir=known.workdir)
+    return TrainCommand(
+        args=tuple(args),
+        config=cfg,
+        workdir=known.workdir,
+        config_arg=known.config,
+        overrides=tuple(overrides),
+    )
 
 
 def train_args_of(command: Sequence[str]) -> list[str]:
@@ -148,6 +156,95 @@ def check_mesh(cfg: Any, *, devices: int, granules: int, granule: str, hardware:
     if dcn > 1 and shape[0] % dcn:
         raise LaunchError(f"mesh.dcn_data={dcn} must divide mesh.data={shape[0]}")
     return shape
+
+
+def add_preflight_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preflight",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the train step for the job's chips with their own compiler before "
+        "anything is submitted, and refuse a job that does not compile or fit (perijax plan "
+        "--target; default: on when the compiler is installed)",
+    )
+
+
+def preflight(
+    train: TrainCommand,
+    target_name: str,
+    wanted: bool | None,
+    *,
+    runner: Callable[[Sequence[str]], subprocess.CompletedProcess] | None = None,
+) -> None:
+    """Compiles `train`'s step for `target_name` with the target's own compiler (`perijax plan
+    --target`, in a child process on the CPU) and raises LaunchError, in one line, when it does
+    not compile, does not fit the chip, or holds an interpreted Pallas kernel. `wanted`: True
+    (--preflight: the compiler must be installed), False (--no-preflight), None (when it is)."""
+    import json
+    import tempfile
+
+    from perijax import targets
+    from perijax.config import ConfigError
+
+    if wanted is False:
+        return
+    try:
+        target = targets.parse(target_name)
+    except ConfigError as e:
+        raise LaunchError(f"pre-flight: {e}") from e
+    missing = targets.missing_compiler(target)
+    if missing:
+        if wanted:
+            raise LaunchError(f"--preflight: {missing}")
+        print(f"perijax: note: no pre-flight compile: {missing}", file=sys.stderr, flush=True)
+        return
+    print(f"pre-flight: compiling the train step for {target.describe()}...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "plan.json")
+        argv = [sys.executable, "-m", "perijax.cli", "plan", "--config", train.config_arg,
+                "--target", target_name, "--json", out,
+                *(f"--config.{k}={v}" for k, v in train.overrides)]  # fmt: skip
+        runner = runner or (
+            lambda a: subprocess.run(
+                list(a),
+                capture_output=True,
+                text=True,
+                env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            )
+        )
+        proc = runner(argv)
+        if proc.returncode or not os.path.exists(out):
+            lines = [x for x in (proc.stderr or "").splitlines() if x.startswith("perijax: error")]
+            why = lines[-1].removeprefix("perijax: error: ") if lines else _last_line(proc.stderr)
+            raise LaunchError(
+                f"pre-flight: the train step does not compile for {target.name}: {why}"
+            )
+        with open(out) as f:
+            r = json.load(f)
+    gib = 2**30
+    peak, hbm = r["per_device"]["peak_bytes"] / gib, r["hbm_bytes"] / gib
+    if not r["fits"]:
+        raise LaunchError(
+            f"pre-flight: the train step needs {peak:.1f} GiB per chip, more than the "
+            f"{hbm:.0f} GiB of {target.name} (perijax plan --target {target_name} shows where "
+            "it goes; more fsdp, remat=full or a smaller micro-batch lower it)"
+        )
+    if r["interpreted_pallas"]:
+        raise LaunchError(
+            f"pre-flight: the program for {target.name} holds {r['interpreted_pallas']} "
+            "interpreted Pallas kernel(s), not the compiled ones"
+        )
+    kernels = ", ".join(f"{k} x{n}" for k, n in r["fused_attention"].items()) or "none"
+    print(
+        f"pre-flight: fits, {peak:.1f} of {hbm:.0f} GiB per chip; fused attention: {kernels}; "
+        f"compiled by {r['compiler']} in {r['compile_s']:.0f} s",
+        flush=True,
+    )
+
+
+def _last_line(text: str | None) -> str:
+    lines = [x for x in (text or "").strip().splitlines() if x.strip()]
+    return lines[-1][:300] if lines else "no output"
 
 
 def check_batch_per_process(cfg: Any, processes: int) -> None:

@@ -403,6 +403,13 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the commands; write and run none")
     p.add_argument(
+        "--gpu",
+        choices=("h100", "h200", "a100"),
+        default="h100",
+        help="the nodes' GPUs, which the pre-flight compile targets (default: h100)",
+    )
+    common.add_preflight_argument(p)
+    p.add_argument(
         "argv", nargs=argparse.REMAINDER, metavar="-- train ...", help="the perijax train command"
     )
     return p
@@ -466,6 +473,11 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
         job, script, path = plan(args)
         if not args.dry_run:
             sbatch = common.require_tool("sbatch", "the SLURM client submits the job")
+        common.preflight(  # last: it compiles
+            common.parse_train_command(args.argv),
+            f"{job.nodes}x{args.gpu}x{job.gpus_per_node}",
+            args.preflight,
+        )
     except LaunchError as e:
         return common.report(e)
     if args.dry_run:

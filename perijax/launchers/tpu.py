@@ -119,6 +119,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a train command on every worker")
     _common_args(r)
     _slices_args(r)
+    common.add_preflight_argument(r)
     _create_args(r, required=False)  # checked after _reparse_run: it may follow NAME
     _install_args(r)
     r.add_argument(
@@ -277,6 +278,14 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]] = ()) -> 
         steps, run_step, recreate = plan(args)
         if not args.dry_run:
             common.require_tool("gcloud", "the Google Cloud CLI runs the TPU commands")
+        if args.action == "run":  # last: it compiles
+            target = _target(args)
+            slices = f"{target.num_slices}x" if target.multislice else ""
+            common.preflight(
+                common.parse_train_command(args.argv),
+                f"{slices}{tpu_type(args.accelerator_type).name}",
+                args.preflight,
+            )
     except LaunchError as e:
         return common.report(e)
     if args.dry_run:

@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from perijax import targets
 from perijax.cli.common import fail
 from perijax.launchers import common
 from perijax.launchers.common import LaunchError, Step, command, note
+from perijax.targets import TpuType
 
 REMOTE_SRC = "$HOME/perijax"  # the source tree on each worker (`install`)
 REMOTE_VENV = "$HOME/perijax-venv"  # kept across installs, so reinstalling is quick
@@ -29,57 +31,12 @@ HEALTHY = {"READY", "ACTIVE"}
 
 
 # --------------------------------------------------------------------------- accelerator types
-@dataclasses.dataclass(frozen=True)
-class TpuType:
-    """A TPU slice type. JAX sees one device per chip (v4 and v5p chips hold two TensorCores
-    that JAX drives as one megacore device) and runs one process per host (TPU VM)."""
-
-    name: str  # gcloud --accelerator-type, e.g. v5litepod-16
-    generation: str  # v4 | v5e | v5p | v6e
-    chips: int
-    hosts: int
-    runtime: str  # default runtime version (gcloud --version / --runtime-version)
-
-
-# generation: (gcloud prefix, number in the name counts TensorCores?, chips per multi-host VM,
-# largest single-host slice in chips, default runtime). From the Cloud TPU docs' configuration
-# tables (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e): v4-8 / v5p-8 = 4 chips on one host;
-# v5e and v6e slices of up to 8 chips are one host, larger ones have 4 chips per host.
-GENERATIONS = {
-    "v4": ("v4", True, 4, 4, "tpu-ubuntu2204-base"),
-    "v5p": ("v5p", True, 4, 4, "v2-alpha-tpuv5"),
-    "v5e": ("v5litepod", False, 4, 8, "v2-alpha-tpuv5-lite"),
-    "v6e": ("v6e", False, 4, 8, "v2-alpha-tpuv6e"),
-}
-SIZES_2D = (1, 4, 8, 16, 32, 64, 128, 256)  # v5e and v6e slice sizes in chips
-
-
 def tpu_type(text: str) -> TpuType:
-    """Parses v4-32, v5p-64, v5litepod-16 (or v5e-16), v6e-16."""
-    m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", text)
-    if not m:
-        raise LaunchError(
-            f"--accelerator-type {text!r}: expected v4-N, v5p-N, v5litepod-N (v5e-N) or v6e-N"
-        )
-    prefix, n = m.group(1), int(m.group(2))
-    generation = "v5e" if prefix in ("v5litepod", "v5e") else prefix
-    gcloud_prefix, counts_cores, per_host, single_host_max, runtime = GENERATIONS[generation]
-    if counts_cores:
-        if n < 8 or n % 8:
-            raise LaunchError(
-                f"--accelerator-type {text}: {generation}-N counts TensorCores "
-                "(2 per chip) and starts at 8"
-            )
-        chips = n // 2
-    else:
-        if n not in SIZES_2D:
-            raise LaunchError(
-                f"--accelerator-type {text}: {generation} slices have "
-                f"{', '.join(map(str, SIZES_2D))} chips"
-            )
-        chips = n
-    hosts = 1 if chips <= single_host_max else chips // per_host
-    return TpuType(f"{gcloud_prefix}-{n}", generation, chips, hosts, runtime)
+    """Parses v4-32, v5p-64, v5litepod-16 (or v5e-16), v6e-16 (perijax.targets.tpu_type)."""
+    try:
+        return targets.tpu_type(text)
+    except ValueError as e:
+        raise LaunchError(f"--accelerator-type {e}") from e
 
 
 # --------------------------------------------------------------------------------- the target
