@@ -247,3 +247,36 @@ def test_plan_without_the_compiler_says_so_and_estimates(tmp_path):
     assert r["estimate"] is True and r["compiler"] == "XLA:CPU" and r["devices"] == 4
     assert r["target"]["name"] == TPU
     assert "(estimate)" in proc.stdout and "an estimate: the target's compiler" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- pre-flight
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "size, overrides, fits",
+    [("tiny", [], True),
+     ("3.2b", ["--config.train.global_batch_size=8", "--config.train.grad_accum_steps=1",
+               "--config.model.remat=none"], False)],
+)  # fmt: skip
+def test_launch_slurm_compiles_before_it_submits(tmp_path, size, overrides, fits):
+    """`perijax launch-slurm` compiles the step for its nodes' GPUs first (here one H100) and
+    refuses, in one line, a step that does not fit: 3.2B parameters with Adam (38 GB) and the
+    activations of 8 x 8,192 tokens without remat."""
+    python = targets_python()
+    if python is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("no .venv-targets")
+    config = TINY if size == "tiny" else f"configs/paper.py:size={size}"
+    proc = subprocess.run(
+        [python, "-m", "perijax.cli", "launch-slurm", "--nodes", "1", "--gpus-per-node", "1",
+         "--time", "1:00:00", "--dry-run", "--", "train", "--config", config,
+         "--workdir", "/shared/runs/preflight", *overrides],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("perijax:")]
+    assert "pre-flight: compiling the train step for h100x1" in proc.stdout
+    if fits:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "pre-flight: fits" in proc.stdout and "__cudnn$fmhaSoftmax" in proc.stdout
+        assert "sbatch " in proc.stdout  # the dry run's commands follow
+    else:
+        assert proc.returncode == 2 and "sbatch" not in proc.stdout
+        assert len(errors) == 1 and "more than the 79 GiB of h100x1" in errors[0], errors
