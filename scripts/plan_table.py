@@ -49,12 +49,14 @@ def plan(args: list[str]) -> dict:
 def main() -> None:
     from perijax import targets
 
-    print("| size | target | mesh (data × fsdp × tensor) | seq × batch, accum | state / device "
+    if len(sys.argv) <= 1:
+        print("| size | target | mesh (data × fsdp × tensor) | seq × batch, accum | state / device "
           "| peak / device (target compiler) | fits | CPU estimate (error) | fused attention "
           "calls | compile |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     compilers = set()
-    for size, name, mesh, seq, batch, accum, extra in ROWS:
+    first = int(sys.argv[1]) if len(sys.argv) > 1 else 0  # resume at a row (no header)
+    for size, name, mesh, seq, batch, accum, extra in ROWS[first:]:
         target = targets.parse(name)
         overrides = {"model.ln_placement": "peri", "model.scan_layers": "true",
                      "model.remat": "full", "mesh.data": mesh[0], "mesh.fsdp": mesh[1],
@@ -69,7 +71,9 @@ def main() -> None:
         if real["estimate"]:
             sys.exit(f"{target.compiler} is not installed here: {targets.INSTALL}")
         compilers.add(real["compiler"])
-        est = plan([*args, "--devices", str(target.chips), "--accelerator", target.accelerator])
+        # The estimate runs in one process: its simulated chips have no hosts to split data over.
+        est_args = [a for a in args if not a.startswith("--config.mesh.dcn_data=")]
+        est = plan([*est_args, "--devices", str(target.chips), "--accelerator", target.accelerator])
         d, e = real["per_device"], est["per_device"]
         peak, est_peak = d["peak_bytes"] / GIB, e["peak_bytes"] / GIB
         calls = sum(real["fused_attention"].values())

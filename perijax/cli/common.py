@@ -11,10 +11,13 @@ import sys
 DEFAULT_CONFIG = "configs/tiny.py"
 
 
+ERROR = "perijax: error: "  # how every command error line starts
+
+
 def fail(message: str, code: int = 2) -> int:
     """Prints `perijax: error: MESSAGE` (one line) to stderr and returns the exit status: 2 for
     bad input, before anything was computed or written."""
-    print(f"perijax: error: {message}", file=sys.stderr)
+    print(f"{ERROR}{message}", file=sys.stderr)
     return code
 
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from perijax.cli.common import fail, split_overrides
+from perijax.cli.common import ERROR, fail, split_overrides
 from perijax.cli.train import train_parser
 
 # Directories that are local to one machine on every cluster we target: a multi-host run whose
@@ -214,8 +214,8 @@ def preflight(
         )
         proc = runner(argv)
         if proc.returncode or not os.path.exists(out):
-            lines = [x for x in (proc.stderr or "").splitlines() if x.startswith("perijax: error")]
-            why = lines[-1].removeprefix("perijax: error: ") if lines else _last_line(proc.stderr)
+            lines = [x for x in (proc.stderr or "").splitlines() if x.startswith(ERROR)]
+            why = lines[-1].removeprefix(ERROR) if lines else _last_line(proc.stderr)
             raise LaunchError(
                 f"pre-flight: the train step does not compile for {target.name}: {why}"
             )
