@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from perijax import attention as attention_lib
 from perijax import data as data_lib
 from perijax import distributed, renamed, storage
+from perijax import lease as lease_lib
 from perijax import sharding as sharding_lib
 from perijax.checkpoint import Checkpointer, resolve_restore_path
 from perijax.config import Config, ConfigError, flat_dict, to_dict
@@ -218,6 +219,23 @@ def _restore(cfg: Config, mesh: Mesh, source: Checkpointer, step: int) -> tuple:
     return continue_loss_scale(cfg, state, meta), data_state
 
 
+def _take_lease(workdir: Any, process: int, log) -> lease_lib.Lease | None:
+    """Process 0 takes WORKDIR's lease (`perijax.lease`); all processes agree on the outcome
+    (one collective), so a refusal stops every one of them before anything is written."""
+    held, error = None, None
+    if process == 0:
+        try:
+            held = lease_lib.acquire(workdir, log)
+        except lease_lib.LeaseError as e:
+            error = e
+    refused, _ = distributed.finish_agreement(distributed.start_agreement(error is not None, False))
+    if refused:
+        if error is not None:
+            raise error
+        raise lease_lib.LeaseError(f"process 0 could not take the lease of workdir {workdir}")
+    return held
+
+
 def record_config(workdir: Any, resolved: dict[str, Any], step: int) -> None:
     """WORKDIR/config.json is the config of the run's first launch and is never replaced. A
     later launch whose resolved config differs from the one in effect appends a line
@@ -283,84 +301,97 @@ def train(
     if data_state is not None:
         batches.set_state(data_state)
 
-    # --- workdir: written only now that the launch is known to be valid.
-    resolved = to_dict(cfg)
-    resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name
-    if process == 0:
-        record_config(workdir, resolved, int(state.step))
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    start_step = int(state.step)
-    writer = MetricWriter(workdir, enabled=process == 0, config=resolved)
-    _log_setup(cfg, state, data, mesh, f"{n_processes} process(es); {source}", eod_id, log)
+    # --- lease: one trainer per workdir (perijax/lease.py); process 0 holds it, and every
+    # process learns whether it got it before anything is written.
+    lease = _take_lease(workdir, process, log)
+    try:
+        # --- workdir: written only now that the launch is known to be valid.
+        resolved = to_dict(cfg)
+        resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name
+        if process == 0:
+            record_config(workdir, resolved, int(state.step))
+        ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+        start_step = int(state.step)
+        writer = MetricWriter(workdir, enabled=process == 0, config=resolved)
+        _log_setup(cfg, state, data, mesh, f"{n_processes} process(es); {source}", eod_id, log)
 
-    # --- compile: explicit shardings; donation lets XLA update the state in place.
-    step_fn, log_step_fn, eval_fn = _compile_steps(cfg, mesh, eod_id)
-    batch_sharding = sharding_lib.batch_sharding(mesh, 3)
-    global_shape = (layout.micro_batch, accum, seq_len + 1)
-    eval_sharding = sharding_lib.batch_sharding(mesh, 2)
-    eval_data = [sharding_lib.replicated_batch(b, eval_sharding) for b in eval_data]
+        # --- compile: explicit shardings; donation lets XLA update the state in place.
+        step_fn, log_step_fn, eval_fn = _compile_steps(cfg, mesh, eod_id)
+        batch_sharding = sharding_lib.batch_sharding(mesh, 3)
+        global_shape = (layout.micro_batch, accum, seq_len + 1)
+        eval_sharding = sharding_lib.batch_sharding(mesh, 2)
+        eval_data = [sharding_lib.replicated_batch(b, eval_sharding) for b in eval_data]
 
-    def save(step: int) -> None:
-        ckpt.save(step, state, batches.get_state(), {"config": resolved})
-        writer.flush()  # metrics up to a checkpoint survive a kill (object storage)
+        def save(step: int) -> None:
+            ckpt.save(step, state, batches.get_state(), {"config": resolved})
+            writer.flush()  # metrics up to a checkpoint survive a kill (object storage)
 
-    def run_eval(step: int) -> dict[str, float]:
-        metrics = eval_metrics(eval_fn, state, eval_data)
-        writer.write(step, metrics)
-        loss, ppl = metrics["eval/loss"], metrics["eval/perplexity"]
-        log(f"eval  step {step}  loss {loss:.4f}  ppl {ppl:.1f}")
-        return metrics
+        def run_eval(step: int) -> dict[str, float]:
+            metrics = eval_metrics(eval_fn, state, eval_data)
+            writer.write(step, metrics)
+            loss, ppl = metrics["eval/loss"], metrics["eval/perplexity"]
+            log(f"eval  step {step}  loss {loss:.4f}  ppl {ppl:.1f}")
+            return metrics
 
-    # --- loop: one decision per step (`Schedule.after`), then acted on.
-    last_eval = run_eval(0) if start_step == 0 else {}
-    step_log = _StepLog(t_cfg, layout.tokens_per_step, writer, log, start_step)
-    schedule = Schedule(t_cfg, ckpt, n_processes)
-    rollbacks, preempted = 0, False
-    step = start_step
-    t_start, t_loop = time.perf_counter(), None
-    with StopSignal() as stop:
-        while step < t_cfg.total_steps:
-            step += 1  # the update this iteration runs (Schedule's convention)
-            local = np.asarray(next(batches)).reshape(layout.local_rows, accum, seq_len + 1)
-            run_step = log_step_fn if schedule.logs(step) else step_fn
-            with jax.set_mesh(mesh):
-                batch = sharding_lib.global_batch(local, batch_sharding, global_shape)
-                with jax.transfer_guard("disallow"):  # nothing implicit crosses host<->device
-                    state, metrics = run_step(state, batch)
-            if t_loop is None:  # the first step includes compilation: report it separately
-                jax.block_until_ready(metrics)
-                log(f"compiled and ran the first step in {time.perf_counter() - t_start:.1f}s")
-                t_loop = time.perf_counter()
-                step_log.restart(step)
-            # The last log step's metrics, one step late (this update is already queued). Read
-            # before the decision: it sees what arrived while the host waited (a stop signal).
-            guard_asked = step_log.read(rollbacks)
-            due = schedule.after(step, stop_requested=stop.received is not None)
-            guard_asked |= step_log.hold(due, metrics, rollbacks)
-            if due.rolls_back(guard_asked, state):
-                state, step = _roll_back(cfg, mesh, ckpt, batches, step, rollbacks, log)
-                rollbacks += 1
-                writer.write(step, {"guard/rollbacks": rollbacks})
-                step_log.restart(step)  # drops the metrics of the steps rolled back
-                continue
-            if due.eval:
-                last_eval = run_eval(step)
-                step_log.restart(step)
-            if due.stop:
-                save(step)
-                ckpt.wait()
-                preempted = True
-                why = f"signal {stop.received}" if stop.received else "a signal to another process"
-                log(f"stopped by {why}: checkpoint {step} saved; rerun to resume")
-                break
-            if due.save:
-                save(step)
-    ckpt.close()
-    writer.close()
-    if not preempted:
-        total_time = time.perf_counter() - (t_loop or time.perf_counter())
-        log(f"done: step {step} in {format_duration(total_time)}; workdir {workdir}")
-    return {"train": step_log.last, "eval": last_eval, "state": state, "preempted": preempted}
+        # --- loop: one decision per step (`Schedule.after`), then acted on.
+        last_eval = run_eval(0) if start_step == 0 else {}
+        step_log = _StepLog(t_cfg, layout.tokens_per_step, writer, log, start_step)
+        schedule = Schedule(t_cfg, ckpt, n_processes)
+        rollbacks, preempted = 0, False
+        step = start_step
+        t_start, t_loop = time.perf_counter(), None
+        with StopSignal() as stop:
+            while step < t_cfg.total_steps:
+                step += 1  # the update this iteration runs (Schedule's convention)
+                local = np.asarray(next(batches)).reshape(layout.local_rows, accum, seq_len + 1)
+                run_step = log_step_fn if schedule.logs(step) else step_fn
+                with jax.set_mesh(mesh):
+                    batch = sharding_lib.global_batch(local, batch_sharding, global_shape)
+                    with jax.transfer_guard("disallow"):  # nothing implicit crosses host<->device
+                        state, metrics = run_step(state, batch)
+                if t_loop is None:  # the first step includes compilation: report it separately
+                    jax.block_until_ready(metrics)
+                    log(f"compiled and ran the first step in {time.perf_counter() - t_start:.1f}s")
+                    t_loop = time.perf_counter()
+                    step_log.restart(step)
+                # The last log step's metrics, one step late (this update is already queued). Read
+                # before the decision: it sees what arrived while the host waited (a stop signal).
+                guard_asked = step_log.read(rollbacks)
+                due = schedule.after(step, stop_requested=stop.received is not None)
+                guard_asked |= step_log.hold(due, metrics, rollbacks)
+                if due.rolls_back(guard_asked, state):
+                    state, step = _roll_back(cfg, mesh, ckpt, batches, step, rollbacks, log)
+                    rollbacks += 1
+                    writer.write(step, {"guard/rollbacks": rollbacks})
+                    step_log.restart(step)  # drops the metrics of the steps rolled back
+                    continue
+                if due.eval:
+                    last_eval = run_eval(step)
+                    step_log.restart(step)
+                if lease is not None and lease.lost and (due.save or due.stop):
+                    raise lease_lib.LeaseError(f"stopped without saving: {lease.lost}")
+                if due.stop:
+                    save(step)
+                    ckpt.wait()
+                    preempted = True
+                    why = (
+                        f"signal {stop.received}"
+                        if stop.received
+                        else "a signal to another process"
+                    )
+                    log(f"stopped by {why}: checkpoint {step} saved; rerun to resume")
+                    break
+                if due.save:
+                    save(step)
+        ckpt.close()
+        writer.close()
+        if not preempted:
+            total_time = time.perf_counter() - (t_loop or time.perf_counter())
+            log(f"done: step {step} in {format_duration(total_time)}; workdir {workdir}")
+        return {"train": step_log.last, "eval": last_eval, "state": state, "preempted": preempted}
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 @dataclasses.dataclass(frozen=True)

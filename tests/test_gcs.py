@@ -130,6 +130,8 @@ def test_gs_workdir_survives_sigkill_resumes_exactly_and_evaluates(gcs, tmp_path
     resumed = perijax(*args, env=gcs)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resumed from {workdir}/checkpoints/" in resumed.stdout
+    assert f"note: taking over the lease of pid {proc.pid}" in resumed.stdout  # left by SIGKILL
+    assert not (epath.Path(workdir) / "lease.json").exists()  # released at the end
 
     straight = tmp_path / "straight"
     train_lib.train(config(**{"train.total_steps": str(total)}), straight, log=lambda s: None)
@@ -153,6 +155,30 @@ def test_gs_workdir_survives_sigkill_resumes_exactly_and_evaluates(gcs, tmp_path
     exported = perijax("export", workdir, "--out", str(tmp_path / "hf"), env=gcs)
     assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_the_lease_is_exclusive_on_a_bucket(gcs, monkeypatch):
+    """On gs:// the lease is created with the precondition "no such object" (gcsfs
+    mode="create"): a second taker is refused while the holder heartbeats, a still heartbeat
+    is taken over, and release deletes the object."""
+    from etils import epath
+
+    from perijax import lease as lease_lib
+
+    monkeypatch.setattr(lease_lib, "HEARTBEAT_S", 0.3)
+    workdir = f"gs://{BUCKET}/runs/leased"
+    obj = epath.Path(workdir) / "lease.json"
+    with lease_lib.acquire(workdir, lambda s: None) as held:
+        assert json.loads(obj.read_text())["token"] == held.record["token"]
+        assert not lease_lib._create(f"{workdir}/lease.json", "{}")  # the precondition holds
+        with pytest.raises(lease_lib.LeaseError, match="heartbeat advanced"):
+            lease_lib.acquire(workdir, lambda s: None, stale_s=10, poll_s=0.1)
+    assert not obj.exists()
+    obj.write_text(json.dumps({"host": "gone", "pid": 1, "token": "old", "heartbeat": 3}))
+    notes = []
+    with lease_lib.acquire(workdir, notes.append, stale_s=1.0, poll_s=0.2) as held:
+        assert json.loads(obj.read_text())["token"] == held.record["token"]
+    assert len(notes) == 1 and "pid 1 on host gone" in notes[0]
 
 
 def test_prepared_dataset_is_read_from_a_bucket(gcs, tmp_path):

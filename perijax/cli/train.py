@@ -80,10 +80,11 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     if jax.process_index() == 0:
         print(f"workdir: {workdir}", flush=True)
     from perijax.checkpoint import CheckpointError
+    from perijax.lease import LeaseError
 
     try:
         train_lib.train(cfg, workdir, data=data, log=lambda s: print(s, flush=True))
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, LeaseError) as e:
         return fail(str(e))
     except train_lib.TrainingDiverged as e:
         return fail(f"training diverged: {e}", code=3)
