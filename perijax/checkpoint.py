@@ -14,13 +14,16 @@ checkpoint does not depend on Python class names and a mismatch names the exact 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -49,6 +52,74 @@ def flatten(tree: Any) -> dict[str, Any]:
 def unflatten(like: Any, flat: dict[str, Any]) -> Any:
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
     return jax.tree_util.tree_unflatten(treedef, [flat[_key(path)] for path, _ in paths])
+
+
+def _digest(x: jax.Array) -> jax.Array:
+    """A position-weighted checksum of one array's bytes (uint32, wrapping): every element's
+    bits xor-ed with a multiple of its index, mixed, summed. Integer sums are exact, so the
+    value does not depend on the order of the reduction, the sharding or the backend."""
+    size = np.dtype(x.dtype).itemsize
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+        bits = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+    index = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else jnp.uint32(0)
+    for axis in range(1, x.ndim):
+        index = index * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(
+            jnp.uint32, x.shape, axis
+        )
+    mixed = (bits ^ (index * jnp.uint32(0x9E3779B1))) * jnp.uint32(0x85EBCA77)
+    return jnp.sum(mixed ^ (mixed >> 13), dtype=jnp.uint32)
+
+
+_digests = jax.jit(lambda flat: {k: _digest(v) for k, v in flat.items()})
+
+
+def digests(flat: dict[str, Any]) -> dict[str, int]:
+    """{key: checksum} of a flat state, computed on the devices that hold each array (one
+    pass over the bytes; the same on every process)."""
+    if not flat:
+        return {}
+    values = _digests(flat)
+    return {k: int(np.asarray(v.addressable_data(0))) for k, v in values.items()}
+
+
+_STATUS = re.compile(
+    r"\b(DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT|OUT_OF_RANGE|INTERNAL|"
+    r"UNKNOWN|ABORTED|UNAVAILABLE|PERMISSION_DENIED)\b:? ?([^\n]*)"
+)
+
+
+def _what_failed(e: BaseException) -> str:
+    """One line for an exception from Orbax / TensorStore (their messages run to pages): the
+    status and message of the innermost TensorStore error if there is one, else the first line."""
+    seen, chain = set(), []
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for err in reversed(chain):
+        m = _STATUS.search(str(err))
+        if m:
+            return f"{m.group(1)}: {m.group(2)[:200]}".rstrip(": ")
+    lines = [x.strip() for x in str(chain[0]).splitlines() if x.strip()]
+    return f"{type(chain[0]).__name__}: {(lines[0] if lines else '')[:200]}"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Orbax, TensorStore and asyncio log every failed read of a bad checkpoint at length; the
+    one-line CheckpointError says what failed instead."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio", "")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def resolve_restore_path(path: str) -> tuple[Any, int | None]:
@@ -121,9 +192,12 @@ class Checkpointer:
         copied, while the write continues in the background."""
         if step == self.last_saved_step:
             return
+        flat = flatten(state)
+        # A checksum of every array, saved beside it and verified by every restore.
+        meta = {**meta, "step": step, "digests": digests(flat)}
         args = {
-            "state": ocp.args.StandardSave(flatten(state)),
-            "meta": ocp.args.JsonSave({**meta, "step": step}),
+            "state": ocp.args.StandardSave(flat),
+            "meta": ocp.args.JsonSave(meta),
         }
         if data_state is not None:
             args["data"] = ocp.args.JsonSave(data_state)
@@ -148,6 +222,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The complete checkpoints' steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
     def check_compatible(
         self,
         step: int,
@@ -158,7 +236,7 @@ class Checkpointer:
         """Raises ConfigError naming the first parameter whose presence or shape differs
         (entries of `defaults` may be absent from the checkpoint, entries named in `retired` may
         be present)."""
-        saved = self.manager.item_metadata(step)["state"]
+        saved = self._state_metadata(step)
         saved = {k: v for k, v in saved.items() if k not in retired}
         expected = flatten(abstract_state)
         expected = {k: v for k, v in expected.items() if k in saved or k not in (defaults or {})}
@@ -184,35 +262,67 @@ class Checkpointer:
                     f"'{key}' has shape {have} in the checkpoint but {want} in the config"
                 )
 
+    def _state_metadata(self, step: int) -> dict[str, Any]:
+        try:
+            return dict(self.manager.item_metadata(step)["state"])
+        except Exception as e:  # truncated or missing metadata files
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} cannot be read: {_what_failed(e)}"
+            ) from e
+
+    def verify(self, step: int, flat: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Raises CheckpointError when an array of `flat` (restored from `step`) differs from
+        the checksum saved with it. Checkpoints written before checksums existed pass."""
+        saved = meta.get("digests") or {}
+        got = digests({k: v for k, v in flat.items() if k in saved})
+        for key in sorted(got, key=lambda k: (not k.startswith("params"), k)):
+            if got[key] != saved[key]:
+                raise CheckpointError(
+                    f"checkpoint {self.directory / str(step)} is corrupt: '{key}' does not "
+                    "match the checksum saved with it"
+                )
+
     def read_meta(self, step: int) -> dict[str, Any]:
         """The meta record saved with checkpoint `step` (its config among others)."""
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} cannot be read: {_what_failed(e)}"
+            ) from e
 
     def restore_params(self, step: int, targets: Any) -> Any:
         """Only the parameters of checkpoint `step`, onto the shardings of `targets` (a params
         tree of ShapeDtypeStruct carrying shardings); the optimizer moments stay on disk.
         Raises ConfigError naming the first parameter the checkpoint lacks or holds in another
         shape."""
-        saved = self.manager.item_metadata(step)["state"]
+        saved = self._state_metadata(step)
         wanted = {f"params.{k}": v for k, v in flatten(targets).items()}
         for key, want in wanted.items():
             if key not in saved or tuple(saved[key].shape) != tuple(want.shape):
                 raise ConfigError(
                     f"checkpoint {self.directory / str(step)} does not match its config at '{key}'"
                 )
-        with ocp.PyTreeCheckpointer() as reader:
-            restored = reader.restore(
-                storage.absolute(self.directory / str(step) / "state"),
-                args=ocp.args.PyTreeRestore(
-                    wanted,
-                    restore_args=jax.tree.map(
-                        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), wanted
+        meta = self.read_meta(step)
+        try:
+            with _quiet(), ocp.PyTreeCheckpointer() as reader:
+                restored = reader.restore(
+                    storage.absolute(self.directory / str(step) / "state"),
+                    args=ocp.args.PyTreeRestore(
+                        wanted,
+                        restore_args=jax.tree.map(
+                            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), wanted
+                        ),
+                        partial_restore=True,
                     ),
-                    partial_restore=True,
-                ),
-            )
+                )
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} cannot be read: {_what_failed(e)}"
+            ) from e
+        self.verify(step, restored, meta)
         return unflatten(targets, {k[len("params.") :]: v for k, v in restored.items()})
 
     def restore(
@@ -227,7 +337,7 @@ class Checkpointer:
         lacks; entries named in `retired`, which a checkpoint written before they were removed
         holds, are read (as host arrays: they are scalars) and dropped."""
         self.check_compatible(step, abstract_state, defaults, retired)
-        saved = self.manager.item_metadata(step)["state"]
+        saved = self._state_metadata(step)
         target = flatten(abstract_state)
         missing = {k: target.pop(k) for k in list(target) if k not in saved}
         old = [k for k in retired if k in saved]
@@ -239,8 +349,15 @@ class Checkpointer:
         }
         if (self.directory / str(step) / "data").exists():
             args["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        try:
+            with _quiet():
+                restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} cannot be read: {_what_failed(e)}"
+            ) from e
         flat = dict(restored["state"])
+        self.verify(step, flat, restored["meta"])
         for key in old:
             del flat[key]
         for key, like in missing.items():

@@ -39,3 +39,17 @@ def absolute(path: Any) -> Any:
     """An absolute local path (Orbax wants one), or the URL as it is."""
     path = as_path(path)
     return path if is_url(path) else path.absolute()
+
+
+def move(src: Any, dst: Any) -> None:
+    """Moves a file or folder (a folder of objects on object storage) to `dst`, creating its
+    parent."""
+    if is_url(src):
+        import fsspec
+
+        fs, _, (source,) = fsspec.get_fs_token_paths(str(src))
+        fs.mv(source, fs._strip_protocol(str(dst)), recursive=True)
+        return
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)

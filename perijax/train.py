@@ -40,7 +40,7 @@ from perijax import data as data_lib
 from perijax import distributed, renamed, storage
 from perijax import lease as lease_lib
 from perijax import sharding as sharding_lib
-from perijax.checkpoint import Checkpointer, resolve_restore_path
+from perijax.checkpoint import Checkpointer, CheckpointError, resolve_restore_path
 from perijax.config import Config, ConfigError, flat_dict, to_dict
 from perijax.metrics import (
     MetricWriter,
@@ -190,23 +190,56 @@ def abstract_state(cfg: Config, mesh: Mesh) -> TrainState:
 def _restore_or_init(cfg: Config, mesh: Mesh, own: Any, log) -> tuple:
     """Precedence: checkpoint.restore (an explicit path) > latest in the workdir's checkpoints
     folder `own` > fresh init. Only reads: a launch refused here (a checkpoint that does not
-    match the config) has changed nothing. Returns (state, data_state or None, source)."""
+    match the config) has changed nothing. A checkpoint of `own` that cannot be read or fails
+    its checksums is named in one line and the next older one is tried (an explicit
+    checkpoint.restore is not: it is an error). Returns (state, data_state or None, source,
+    the steps of `own` found bad)."""
     if cfg.checkpoint.restore:
         directory, step = resolve_restore_path(cfg.checkpoint.restore)
         how = "restored {} (checkpoint.restore)"
     elif own.is_dir() and any(c.name.isdigit() for c in own.iterdir()):
         directory, step, how = own, None, "resumed from {}"
     else:
-        return init_state(cfg, mesh), None, "initialized from train.seed"
+        return init_state(cfg, mesh), None, "initialized from train.seed", []
     source = Checkpointer(directory, cfg.checkpoint, read_only=True)
+    bad: list[int] = []
     try:
-        step = step if step is not None else source.latest_step()
-        if step is None:  # only incomplete steps there (a run killed during its first save)
-            return init_state(cfg, mesh), None, "initialized from train.seed"
-        state, data_state = _restore(cfg, mesh, source, step)
+        candidates = [step] if step is not None else source.steps()
+        for candidate in candidates:
+            failed, why = None, ""
+            try:
+                state, data_state = _restore(cfg, mesh, source, candidate)
+            except CheckpointError as e:
+                if step is not None:  # an explicit checkpoint: no fallback
+                    raise
+                failed, why = e, str(e)
+            # Every process must fall back alike: a shard may be bad on one process only.
+            if distributed.finish_agreement(distributed.start_agreement(bool(failed), False))[0]:
+                bad.append(candidate)
+                log(f"note: {why or 'another process could not read checkpoint ' + str(candidate)}"
+                    "; trying the previous checkpoint")  # fmt: skip
+                continue
+            return state, data_state, how.format(directory / str(candidate)), bad
+        if bad:
+            raise CheckpointError(
+                f"no checkpoint in {directory} can be restored ({len(bad)} tried, all bad); "
+                "they are kept as they are: remove them or restore another with --restore"
+            )
+        # Only incomplete steps there (a run killed during its first save).
+        return init_state(cfg, mesh), None, "initialized from train.seed", []
     finally:
         source.manager.close()
-    return state, data_state, how.format(directory / str(step))
+
+
+def _set_aside(own: Any, bad: list[int], log) -> None:
+    """Moves the bad checkpoints of `own` out of the way (CHECKPOINTS/../checkpoints_bad/STEP):
+    kept, never deleted, and not in the way of the next save of their step."""
+    for step in bad:
+        target = own.parent / "checkpoints_bad" / str(step)
+        if target.exists():
+            target = own.parent / "checkpoints_bad" / f"{step}-{int(time.time())}"
+        storage.move(own / str(step), target)
+        log(f"note: checkpoint {step} moved to {target}, kept for inspection")
 
 
 def _restore(cfg: Config, mesh: Mesh, source: Checkpointer, step: int) -> tuple:
@@ -297,7 +330,7 @@ def train(
 
     # --- restore or init: parameters and optimizer state are created in their shardings.
     workdir = storage.as_path(workdir)
-    state, data_state, source = _restore_or_init(cfg, mesh, workdir / "checkpoints", log)
+    state, data_state, source, bad = _restore_or_init(cfg, mesh, workdir / "checkpoints", log)
     if data_state is not None:
         batches.set_state(data_state)
 
@@ -305,6 +338,8 @@ def train(
     # process learns whether it got it before anything is written.
     lease = _take_lease(workdir, process, log)
     try:
+        if process == 0 and bad:
+            _set_aside(workdir / "checkpoints", bad, log)
         # --- workdir: written only now that the launch is known to be valid.
         resolved = to_dict(cfg)
         resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name

@@ -52,6 +52,7 @@ def _read_prompts(args) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from perijax.checkpoint import CheckpointError
     from perijax.cli.common import fail
     from perijax.config import ConfigError
     from perijax.data.tokenizer import load_tokenizer
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             stop_tokens=stop,
         )
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, CheckpointError, ValueError) as e:
         return fail(str(e).splitlines()[0])
     elapsed = time.perf_counter() - t0
     for prompt, out in zip(prompts, outputs, strict=True):
