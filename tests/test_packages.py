@@ -164,7 +164,14 @@ def test_ci_and_dockerfiles_install_the_pinned_versions():
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"pip install -c constraints\.txt -e '\.\[test\]'", ci)
     lint = "ruff check && ruff format --check"  # before the tests: a lint failure fails CI
-    assert f"python -m perijax.packages && {lint} && python -m pytest" in ci
+    # The target compilers' own environment, pinned too (tests/test_target_compile.py).
+    targets = (
+        "python3 -m venv .venv-targets && "
+        ".venv-targets/bin/pip install -c constraints.txt -e '.[targets]'"
+    )
+    assert f"python -m perijax.packages && {targets} && {lint} && python -m pytest" in ci
+    pins = {line.split("==")[0] for line in (ROOT / "constraints.txt").read_text().splitlines()}
+    assert {"libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cudnn-cu12"} <= pins
     for kind in ("cuda", "tpu"):
         dockerfile = (ROOT / "docker" / f"Dockerfile.{kind}").read_text()
         assert "pip install -c /opt/perijax/constraints.txt" in dockerfile
