@@ -145,12 +145,12 @@ class Lease:
                 self.record = {**self.record, "heartbeat": self.record["heartbeat"] + 1,
                                "beat_at": _now()}  # fmt: skip
                 _write(self.path, json.dumps(self.record))
-            except OSError:  # storage hiccup: try again at the next beat
+            except Exception:  # a storage hiccup (OSError, a client's retry error): next beat
                 continue
 
     def release(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=HEARTBEAT_S)
+        self._thread.join(timeout=max(HEARTBEAT_S, 5.0))
         if self.lost:
             return
         held = _read(self.path)

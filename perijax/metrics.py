@@ -17,6 +17,33 @@ from perijax import storage
 from perijax.config import ConfigError
 
 WANDB_RUN_ID_FILE = "wandb_run_id"  # in the workdir: a resumed run continues the same W&B run
+SEGMENTS = "metrics.d"  # a gs:// workdir's metrics: numbered segments, appended to by uploads
+
+
+def _segment_numbers(folder: Any) -> list[int]:
+    try:
+        return sorted(int(p.name.split(".")[0]) for p in folder.iterdir()
+                      if p.name.endswith(".jsonl") and p.name.split(".")[0].isdigit())  # fmt: skip
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:  # object storage: a missing prefix
+        if "No such" in str(e) or "404" in str(e):
+            return []
+        raise
+
+
+def metric_lines(workdir: Any) -> list[str]:
+    """The lines of a run's metrics in the order they were written: WORKDIR/metrics.jsonl, then
+    the segments of `metrics.d/` (a `gs://` workdir's uploads), local or a URL."""
+    workdir = storage.as_path(workdir)
+    lines: list[str] = []
+    try:
+        lines += (workdir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        pass
+    for n in _segment_numbers(workdir / SEGMENTS):
+        lines += (workdir / SEGMENTS / f"{n:09d}.jsonl").read_text(encoding="utf-8").splitlines()
+    return lines
 
 
 def check_trackers(t_cfg: Any) -> None:
@@ -88,9 +115,11 @@ class MetricWriter:
     process creates files (process 0 in a multi-host run).
 
     A local metrics.jsonl gets each row as it is written. Object storage (a `gs://` workdir)
-    cannot append, so there the file is rewritten whole: at most every `upload_secs`, at every
-    `flush()` (the trainer flushes with each checkpoint, so a killed run loses no row up to
-    its last checkpoint) and at `close()`.
+    cannot append, so there each upload writes only the rows since the previous one, as the
+    next numbered segment `metrics.d/000000001.jsonl`, ...: at most every `upload_secs`, at
+    every `flush()` (the trainer flushes with each checkpoint, so a killed run loses no row up
+    to its last checkpoint) and at `close()`. An upload's cost is that of its own rows, however
+    long the run. `metric_lines` reads metrics.jsonl and then every segment, in order.
     """
 
     def __init__(
@@ -105,9 +134,9 @@ class MetricWriter:
         self._jsonl = None
         self._tb = None
         self._wandb = None
-        self._remote = None
-        self._text: list[str] = []  # the whole remote file
-        self._uploaded = 0  # rows of _text already uploaded
+        self._remote = None  # the segments folder of a gs:// workdir
+        self._pending: list[str] = []  # rows not yet uploaded
+        self._segment = 0  # the last segment number written
         self._upload_secs, self._last_upload = upload_secs, time.monotonic()
         if not enabled:
             return
@@ -115,10 +144,8 @@ class MetricWriter:
             self._wandb = WandbWriter(workdir, config)  # first: it may refuse
         path = storage.as_path(workdir) / "metrics.jsonl"
         if storage.is_url(path):
-            self._remote = path
-            if path.exists():
-                self._text = [path.read_text()]
-                self._uploaded = 1
+            self._remote = storage.as_path(workdir) / SEGMENTS
+            self._segment = max(_segment_numbers(self._remote), default=0)
         else:
             self._jsonl = open(path, "a", encoding="utf-8")
         try:
@@ -147,16 +174,19 @@ class MetricWriter:
             self._jsonl.write(line)
             self._jsonl.flush()
             return
-        self._text.append(line)
+        self._pending.append(line)
         if time.monotonic() - self._last_upload >= self._upload_secs:
             self.flush()
 
     def flush(self) -> None:
-        """Makes every row written so far durable (a no-op for a local file)."""
-        if self._remote is not None and self._uploaded < len(self._text):
-            self._text = ["".join(self._text)]
-            self._remote.write_text(self._text[0])
-            self._uploaded, self._last_upload = 1, time.monotonic()
+        """Makes every row written so far durable: a new segment with the rows since the last
+        one (a no-op for a local file, written as it goes)."""
+        if self._remote is not None and self._pending:
+            self._segment += 1
+            target = self._remote / f"{self._segment:09d}.jsonl"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("".join(self._pending))
+            self._pending, self._last_upload = [], time.monotonic()
         if self._tb is not None:
             self._tb.flush()
 

@@ -96,7 +96,10 @@ def gcs(tmp_path_factory):
 def gs_losses(workdir: str) -> dict[int, float]:
     from etils import epath
 
-    rows = [json.loads(x) for x in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    from perijax.metrics import metric_lines
+
+    assert not (epath.Path(workdir) / "metrics.jsonl").exists()  # segments only (metrics.d/)
+    rows = [json.loads(x) for x in metric_lines(workdir)]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
@@ -179,6 +182,34 @@ def test_the_lease_is_exclusive_on_a_bucket(gcs, monkeypatch):
     with lease_lib.acquire(workdir, notes.append, stale_s=1.0, poll_s=0.2) as held:
         assert json.loads(obj.read_text())["token"] == held.record["token"]
     assert len(notes) == 1 and "pid 1 on host gone" in notes[0]
+
+
+def test_metrics_on_a_bucket_are_appended_as_segments(gcs):
+    """Each upload writes only its new rows, as the next numbered object; a resumed writer
+    continues the numbering; the readers see every row in order."""
+    from etils import epath
+
+    from perijax.experiments import runlog
+    from perijax.metrics import SEGMENTS, MetricWriter, metric_lines
+
+    workdir = f"gs://{BUCKET}/runs/segments"
+    writer = MetricWriter(workdir, upload_secs=3600)
+    for step in (1, 2, 3):
+        writer.write(step, {"train/loss": 5.0 - step})
+    writer.flush()
+    writer.write(4, {"train/loss": 0.5})
+    writer.close()
+    folder = epath.Path(workdir) / SEGMENTS
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["000000001.jsonl", "000000002.jsonl"]
+    assert len((folder / names[1]).read_text().splitlines()) == 1  # only the new row
+    resumed = MetricWriter(workdir, upload_secs=3600)  # a relaunch, back at step 3
+    resumed.write(3, {"train/loss": 9.0})
+    resumed.close()
+    assert len(list(folder.iterdir())) == 3
+    assert [json.loads(x)["step"] for x in metric_lines(workdir)] == [1, 2, 3, 4, 3]
+    rows = runlog.read_metrics(f"{workdir}/metrics.jsonl")
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 4.0), (2, 3.0), (3, 9.0)]
 
 
 def test_prepared_dataset_is_read_from_a_bucket(gcs, tmp_path):

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from perijax import storage
 from perijax.config import PLACEMENTS, TRACKING_KEYS, flat_dict
+from perijax.metrics import metric_lines
 
 
 # ------------------------------------------------------------------------------ metric files
@@ -28,7 +30,8 @@ def _number(value: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl as one merged row per step, in step order.
+    """The rows of a metrics.jsonl (and of the `metrics.d/` segments beside it, a `gs://`
+    workdir's) as one merged row per step, in step order.
 
     A resumed or rolled-back run continues from an earlier step, so its file goes back in time:
     the later rows win. When a row's step is below one already seen, the rows after that step
@@ -36,10 +39,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     are merged, later values winning. A missing file gives [] and a torn last line is ignored.
     """
     merged: dict[int, dict[str, Any]] = {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
+    lines = metric_lines(storage.as_path(path).parent)  # metrics.jsonl, then any segments
     last = -1
     for line in lines:
         try:
