@@ -42,11 +42,13 @@ from perijax import lease as lease_lib
 from perijax import sharding as sharding_lib
 from perijax.checkpoint import Checkpointer, CheckpointError, resolve_restore_path
 from perijax.config import Config, ConfigError, flat_dict, to_dict
+from perijax.goodput import Goodput
 from perijax.metrics import (
     MetricWriter,
     check_trackers,
     expand_layers,
     format_duration,
+    metric_lines,
     perplexity,
     progress_line,
 )
@@ -252,6 +254,16 @@ def _restore(cfg: Config, mesh: Mesh, source: Checkpointer, step: int) -> tuple:
     return continue_loss_scale(cfg, state, meta), data_state
 
 
+def _last_logged_step(workdir: Any) -> int:
+    steps = [0]
+    for line in metric_lines(workdir):
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    return max(steps)
+
+
 def _take_lease(workdir: Any, process: int, log) -> lease_lib.Lease | None:
     """Process 0 takes WORKDIR's lease (`perijax.lease`); all processes agree on the outcome
     (one collective), so a refusal stops every one of them before anything is written."""
@@ -311,6 +323,7 @@ def train(
     (default: all) are arranged into the configured mesh. Returns the last logged train
     metrics, the last eval metrics, the final state and whether the run was preempted.
     """
+    goodput = Goodput()  # where this launch's wall time goes (perijax/goodput.py)
     process, n_processes = jax.process_index(), jax.process_count()
     if process != 0:  # only process 0 talks and writes
         log = lambda _: None  # noqa: E731
@@ -330,7 +343,8 @@ def train(
 
     # --- restore or init: parameters and optimizer state are created in their shardings.
     workdir = storage.as_path(workdir)
-    state, data_state, source, bad = _restore_or_init(cfg, mesh, workdir / "checkpoints", log)
+    with goodput.timed("restore"):
+        state, data_state, source, bad = _restore_or_init(cfg, mesh, workdir / "checkpoints", log)
     if data_state is not None:
         batches.set_state(data_state)
 
@@ -347,6 +361,8 @@ def train(
             record_config(workdir, resolved, int(state.step))
         ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
         start_step = int(state.step)
+        # The last step an earlier launch logged: past the restored one, it was done and lost.
+        previous_last_step = _last_logged_step(workdir) if process == 0 else start_step
         writer = MetricWriter(workdir, enabled=process == 0, config=resolved)
         _log_setup(cfg, state, data, mesh, f"{n_processes} process(es); {source}", eod_id, log)
 
@@ -358,11 +374,14 @@ def train(
         eval_data = [sharding_lib.replicated_batch(b, eval_sharding) for b in eval_data]
 
         def save(step: int) -> None:
-            ckpt.save(step, state, batches.get_state(), {"config": resolved})
+            writer.write(step, goodput.metrics())
+            with goodput.timed("checkpoint"):
+                ckpt.save(step, state, batches.get_state(), {"config": resolved})
             writer.flush()  # metrics up to a checkpoint survive a kill (object storage)
 
         def run_eval(step: int) -> dict[str, float]:
-            metrics = eval_metrics(eval_fn, state, eval_data)
+            with goodput.timed("eval"):
+                metrics = eval_metrics(eval_fn, state, eval_data)
             writer.write(step, metrics)
             loss, ppl = metrics["eval/loss"], metrics["eval/perplexity"]
             log(f"eval  step {step}  loss {loss:.4f}  ppl {ppl:.1f}")
@@ -374,28 +393,41 @@ def train(
         schedule = Schedule(t_cfg, ckpt, n_processes)
         rollbacks, preempted = 0, False
         step = start_step
+        goodput.redone_steps = max(0, previous_last_step - start_step)
         t_start, t_loop = time.perf_counter(), None
         with StopSignal() as stop:
             while step < t_cfg.total_steps:
+                t_iteration, nested = time.perf_counter(), goodput.nested()
                 step += 1  # the update this iteration runs (Schedule's convention)
-                local = np.asarray(next(batches)).reshape(layout.local_rows, accum, seq_len + 1)
+                with goodput.timed("data"):
+                    local = next(batches)
+                local = np.asarray(local).reshape(layout.local_rows, accum, seq_len + 1)
                 run_step = log_step_fn if schedule.logs(step) else step_fn
                 with jax.set_mesh(mesh):
                     batch = sharding_lib.global_batch(local, batch_sharding, global_shape)
                     with jax.transfer_guard("disallow"):  # nothing implicit crosses host<->device
                         state, metrics = run_step(state, batch)
-                if t_loop is None:  # the first step includes compilation: report it separately
+                first = t_loop is None
+                if first:  # the first step includes compilation: report it separately
                     jax.block_until_ready(metrics)
                     log(f"compiled and ran the first step in {time.perf_counter() - t_start:.1f}s")
                     t_loop = time.perf_counter()
                     step_log.restart(step)
+                    goodput.step_done(t_loop - t_iteration - (goodput.nested() - nested), True)
+                    t_iteration, nested = t_loop, goodput.nested()
                 # The last log step's metrics, one step late (this update is already queued). Read
                 # before the decision: it sees what arrived while the host waited (a stop signal).
                 guard_asked = step_log.read(rollbacks)
                 due = schedule.after(step, stop_requested=stop.received is not None)
                 guard_asked |= step_log.hold(due, metrics, rollbacks)
                 if due.rolls_back(guard_asked, state):
-                    state, step = _roll_back(cfg, mesh, ckpt, batches, step, rollbacks, log)
+                    rolled_from = step
+                    with goodput.timed("checkpoint"):  # reading the checkpoint back
+                        state, step = _roll_back(cfg, mesh, ckpt, batches, step, rollbacks, log)
+                    goodput.rolled_back_steps += rolled_from - step
+                    goodput.step_done(
+                        time.perf_counter() - t_iteration - (goodput.nested() - nested), first
+                    )
                     rollbacks += 1
                     writer.write(step, {"guard/rollbacks": rollbacks})
                     step_log.restart(step)  # drops the metrics of the steps rolled back
@@ -418,11 +450,17 @@ def train(
                     break
                 if due.save:
                     save(step)
-        ckpt.close()
+                if not first:
+                    elapsed = time.perf_counter() - t_iteration
+                    goodput.step_done(elapsed - (goodput.nested() - nested), False)
+        with goodput.timed("checkpoint"):
+            ckpt.close()
+        writer.write(step, goodput.metrics())
         writer.close()
         if not preempted:
             total_time = time.perf_counter() - (t_loop or time.perf_counter())
             log(f"done: step {step} in {format_duration(total_time)}; workdir {workdir}")
+        log(goodput.summary())
         return {"train": step_log.last, "eval": last_eval, "state": state, "preempted": preempted}
     finally:
         if lease is not None:
