@@ -187,7 +187,8 @@ def _acquire(workdir: Any, path: Any, log, stale_s: float, poll_s: float) -> Lea
               "heartbeat": 0, "beat_at": _now()}  # fmt: skip
     for _ in range(5):  # a lease that disappears or is retaken while we look: look again
         if _create(path, json.dumps(record)):
-            time.sleep(poll_s / 2)  # another taker's delete + create would show here
+            # A taker deletes only the stale record it read, never a new one: this read only
+            # confirms that the file is ours.
             held = _read(path)
             if held and held.get("token") == record["token"]:
                 return Lease(path, record)
