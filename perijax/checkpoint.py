@@ -262,13 +262,16 @@ class Checkpointer:
                     f"'{key}' has shape {have} in the checkpoint but {want} in the config"
                 )
 
+    def _unreadable(self, step: int, e: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {self.directory / str(step)} cannot be read: {_what_failed(e)}"
+        )
+
     def _state_metadata(self, step: int) -> dict[str, Any]:
         try:
             return dict(self.manager.item_metadata(step)["state"])
         except Exception as e:  # truncated or missing metadata files
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} cannot be read: {_what_failed(e)}"
-            ) from e
+            raise self._unreadable(step, e) from e
 
     def verify(self, step: int, flat: dict[str, Any], meta: dict[str, Any]) -> None:
         """Raises CheckpointError when an array of `flat` (restored from `step`) differs from
@@ -289,9 +292,7 @@ class Checkpointer:
                 "meta"
             ]
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} cannot be read: {_what_failed(e)}"
-            ) from e
+            raise self._unreadable(step, e) from e
 
     def restore_params(self, step: int, targets: Any) -> Any:
         """Only the parameters of checkpoint `step`, onto the shardings of `targets` (a params
@@ -319,9 +320,7 @@ class Checkpointer:
                     ),
                 )
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} cannot be read: {_what_failed(e)}"
-            ) from e
+            raise self._unreadable(step, e) from e
         self.verify(step, restored, meta)
         return unflatten(targets, {k[len("params.") :]: v for k, v in restored.items()})
 
@@ -353,9 +352,7 @@ class Checkpointer:
             with _quiet():
                 restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} cannot be read: {_what_failed(e)}"
-            ) from e
+            raise self._unreadable(step, e) from e
         flat = dict(restored["state"])
         self.verify(step, flat, restored["meta"])
         for key in old:

@@ -64,7 +64,8 @@ def _create(path: Any, text: str) -> bool:
 
         fs, _, (target,) = fsspec.get_fs_token_paths(str(path))
         try:
-            if fs.protocol in ("gs", "gcs") or "gs" in getattr(fs, "protocol", ()):
+            protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+            if "gs" in protocols:
                 fs.pipe_file(target, text.encode(), mode="create")  # ifGenerationMatch=0
             else:  # no precondition: create-if-absent, then confirmed by `_confirm`
                 if fs.exists(target):
@@ -90,10 +91,10 @@ def _create(path: Any, text: str) -> bool:
 def _read(path: Any) -> dict | None:
     try:
         return json.loads(storage.as_path(path).read_text())
-    except (FileNotFoundError, ValueError):
+    except ValueError:
         return None
     except OSError as e:
-        if "No such" in str(e) or "404" in str(e):
+        if storage.is_missing(e):
             return None
         raise
 
@@ -111,10 +112,8 @@ def _write(path: Any, text: str) -> None:
 def _delete(path: Any) -> None:
     try:
         storage.as_path(path).unlink()
-    except FileNotFoundError:
-        pass
     except OSError as e:
-        if "No such" not in str(e) and "404" not in str(e):
+        if not storage.is_missing(e):
             raise
 
 

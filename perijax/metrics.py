@@ -24,10 +24,10 @@ def _segment_numbers(folder: Any) -> list[int]:
     try:
         return sorted(int(p.name.split(".")[0]) for p in folder.iterdir()
                       if p.name.endswith(".jsonl") and p.name.split(".")[0].isdigit())  # fmt: skip
-    except (FileNotFoundError, NotADirectoryError):
+    except NotADirectoryError:
         return []
-    except OSError as e:  # object storage: a missing prefix
-        if "No such" in str(e) or "404" in str(e):
+    except OSError as e:  # no folder (locally), no prefix (object storage)
+        if storage.is_missing(e):
             return []
         raise
 
@@ -39,8 +39,9 @@ def metric_lines(workdir: Any) -> list[str]:
     lines: list[str] = []
     try:
         lines += (workdir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        pass
+    except OSError as e:
+        if not storage.is_missing(e):
+            raise
     for n in _segment_numbers(workdir / SEGMENTS):
         lines += (workdir / SEGMENTS / f"{n:09d}.jsonl").read_text(encoding="utf-8").splitlines()
     return lines

@@ -41,6 +41,12 @@ def absolute(path: Any) -> Any:
     return path if is_url(path) else path.absolute()
 
 
+def is_missing(error: OSError) -> bool:
+    """Whether `error` says the file or object does not exist: FileNotFoundError locally; object
+    storage clients raise other OSErrors ("No such object", HTTP 404)."""
+    return isinstance(error, FileNotFoundError) or "No such" in str(error) or "404" in str(error)
+
+
 def move(src: Any, dst: Any) -> None:
     """Moves a file or folder (a folder of objects on object storage) to `dst`, creating its
     parent."""

@@ -117,13 +117,26 @@ def test_collectives_are_grouped_by_kind_and_mesh_axes():
      (lambda i: 0, set())],
 )  # fmt: skip
 def test_crossing_axes_follow_the_hosts(host_of, crossing):
-    assert program.crossing_axes(HLO, MESH, AXES, host_of) == crossing
+    assert program.crossing_axes(program.collectives(HLO, MESH, AXES, host_of)) == crossing
 
 
 def test_a_group_over_both_axes_crosses_along_the_one_the_hosts_split():
     hlo = "%a = f32[8] all-reduce(%g), replica_groups={{0,1,2,3}}"
-    assert program.crossing_axes(hlo, MESH, AXES, lambda i: i // 2) == {"data"}
-    assert program.crossing_axes(hlo, MESH, AXES, lambda i: i % 2) == {"data", "fsdp"}
+    by_row = program.collectives(hlo, MESH, AXES, lambda i: i // 2)
+    by_column = program.collectives(hlo, MESH, AXES, lambda i: i % 2)
+    assert program.crossing_axes(by_row) == {"data"}
+    assert program.crossing_axes(by_column) == {"data", "fsdp"}
+
+
+def test_collectives_over_one_mesh_and_other_axes_are_checked_apart():
+    """XLA's mesh-axes notation: two groupings of one device mesh, one per axis, are two sets of
+    groups (with a host per data row, the data groups cross hosts, the fsdp groups do not)."""
+    hlo = "\n".join(
+        f"%x{i} = f32[8] all-reduce(%g), replica_groups=mesh['axis_0'=2,'axis_1'=2] {{'{a}'}}"
+        for i, a in enumerate(("axis_1", "axis_0"))
+    )
+    found = program.collectives(hlo, MESH, AXES, lambda i: i // 2)
+    assert {c.axes: c.crosses_along for c in found} == {("fsdp",): (), ("data",): ("data",)}
 
 
 def test_square_buffers_find_materialized_scores():

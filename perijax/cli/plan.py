@@ -174,7 +174,6 @@ def _compile(cfg, mesh, backend: str, *, hbm_bytes: int, peak_tflops: float, gra
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hlo = compiled.as_text()
     calls = program.custom_calls(hlo)
-    axis_names = tuple(mesh.axis_names)
     granule = granule or (lambda i: mesh.devices.flat[i].process_index)
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     params_b = _bytes(abstract.params, jax.tree.leaves(shardings.params, is_leaf=is_var))
@@ -189,6 +188,7 @@ def _compile(cfg, mesh, backend: str, *, hbm_bytes: int, peak_tflops: float, gra
     model_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / mesh.size
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
     hosts = len({granule(i) for i in range(mesh.size)})
+    found = program.collectives(hlo, mesh.devices.shape, tuple(mesh.axis_names), granule)
     return {
         "config": {
             "model": dataclasses.asdict(cfg.model),
@@ -218,13 +218,9 @@ def _compile(cfg, mesh, backend: str, *, hbm_bytes: int, peak_tflops: float, gra
         "interpreted_pallas": program.interpreted_pallas(traced.jaxpr),
         # Arrays with two dimensions of the sequence length: materialized [T, T] scores.
         "seq_square_buffers": program.square_buffers(hlo, cfg.data.seq_len),
-        "collectives": [
-            c.as_dict() for c in program.collectives(hlo, mesh.devices.shape, axis_names, granule)
-        ],
+        "collectives": [c.as_dict() for c in found],
         "hosts": hosts,
-        "crosses_hosts": sorted(
-            program.crossing_axes(hlo, mesh.devices.shape, axis_names, granule)
-        ),
+        "crosses_hosts": sorted(program.crossing_axes(found)),
         "hbm_bytes": hbm_bytes,
         "fits": peak <= hbm_bytes,
         "ideal_step_time_s": model_flops / (peak_tflops * 1e12),

@@ -185,6 +185,7 @@ def preflight(
 
     from perijax import targets
     from perijax.config import ConfigError
+    from perijax.peaks import GIB
 
     if wanted is False:
         return
@@ -221,8 +222,7 @@ def preflight(
             )
         with open(out) as f:
             r = json.load(f)
-    gib = 2**30
-    peak, hbm = r["per_device"]["peak_bytes"] / gib, r["hbm_bytes"] / gib
+    peak, hbm = r["per_device"]["peak_bytes"] / GIB, r["hbm_bytes"] / GIB
     if not r["fits"]:
         raise LaunchError(
             f"pre-flight: the train step needs {peak:.1f} GiB per chip, more than the "

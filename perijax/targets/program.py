@@ -160,10 +160,15 @@ class Collective:
     axes: tuple[str, ...]  # mesh axes whose coordinate varies within a group
     count: int = 0
     bytes: int = 0  # per device, summed over the instructions (each counted once)
-    crosses_granules: bool = False  # some group spans several hosts (or slices)
+    crosses_along: tuple[str, ...] = ()  # mesh axes along which a group crosses hosts
+
+    @property
+    def crosses_granules(self) -> bool:
+        """Whether some group spans several hosts (or slices)."""
+        return bool(self.crosses_along)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "crosses_granules": self.crosses_granules}
 
 
 def collectives(
@@ -172,22 +177,29 @@ def collectives(
     axis_names: Sequence[str],
     granule: Callable[[int], int],
 ) -> list[Collective]:
-    """The program's collectives, grouped by kind and the mesh axes they span. `granule(i)` is
-    the host (or slice) of device i of the mesh's flat order. A loop body's collectives are
-    counted once, as XLA's own analyses do."""
+    """The program's collectives, grouped by kind and the mesh axes they span, each with the
+    axes along which it crosses hosts (`crossing_axes`' rule). `granule(i)` is the host (or
+    slice) of device i of the mesh's flat order. A loop body's collectives are counted once, as
+    XLA's own analyses do."""
     found: dict[tuple[str, tuple[str, ...]], Collective] = {}
     n = math.prod(mesh_shape)
+    seen: dict[tuple, tuple[tuple[str, ...], set[str]]] = {}  # groups -> (axes, crossing)
     for line in hlo.splitlines():
         m = _INSTRUCTION.match(line)
         if not m:
             continue
         groups = replica_groups(line, n)
-        axes = spanned_axes(groups, mesh_shape, axis_names)
-        key = (m.group("op"), axes)
-        c = found.setdefault(key, Collective(m.group("op"), axes))
+        key = tuple(map(tuple, groups))
+        if key not in seen:
+            crossing: set[str] = set()
+            for g in groups:
+                crossing |= _group_crossing(g, mesh_shape, axis_names, granule)
+            seen[key] = (spanned_axes(groups, mesh_shape, axis_names), crossing)
+        axes, crossing = seen[key]
+        c = found.setdefault((m.group("op"), axes), Collective(m.group("op"), axes))
         c.count += 1
         c.bytes += _payload_bytes(m.group("shape"), bool(m.group("start")))
-        c.crosses_granules |= any(len({granule(d) for d in g}) > 1 for g in groups)
+        c.crosses_along = tuple(sorted(set(c.crosses_along) | crossing))
     return sorted(found.values(), key=lambda c: (-c.bytes, c.kind, c.axes))
 
 
@@ -211,31 +223,13 @@ def spanned_axes(
     return tuple(axis_names[a] for a in sorted(varying))
 
 
-def crossing_axes(
-    hlo: str,
-    mesh_shape: Sequence[int],
-    axis_names: Sequence[str],
-    granule: Callable[[int], int],
-) -> set[str]:
-    """The mesh axes along which the program's collectives cross hosts (or slices). For every
-    two members of a group on different hosts: if their `data` coordinates differ, `data`
-    crosses; if they are equal, every axis in which they differ crosses (the host boundary cuts
-    that axis). A program whose only cross-host traffic is data parallelism gives {"data"} or
+def crossing_axes(found: Sequence[Collective]) -> set[str]:
+    """The mesh axes along which `collectives(...)` cross hosts (or slices). For every two
+    members of a group on different hosts: if their `data` coordinates differ, `data` crosses;
+    if they are equal, every axis in which they differ crosses (the host boundary cuts that
+    axis). A program whose only cross-host traffic is data parallelism gives {"data"} or
     nothing."""
-    crossing: set[str] = set()
-    n = math.prod(mesh_shape)
-    seen: set[str] = set()
-    for line in hlo.splitlines():
-        if not _INSTRUCTION.match(line):
-            continue
-        groups_text = re.search(r"(replica_groups|source_target_pairs)=\S*", line)
-        key = groups_text.group(0) if groups_text else ""
-        if key in seen:
-            continue
-        seen.add(key)
-        for g in replica_groups(line, n):
-            crossing |= _group_crossing(g, mesh_shape, axis_names, granule)
-    return crossing
+    return {axis for c in found for axis in c.crosses_along}
 
 
 def _group_crossing(group, mesh_shape, axis_names, granule) -> set[str]:
