@@ -149,6 +149,8 @@ class DataConfig:
     path: str = ""  # prepared: a `perijax prepare` folder, or a mixture "DIR_A=0.7,DIR_B=0.3"
     seq_len: int = 128
     cache_dir: str = ""  # "": $PERIJAX_CACHE, else ~/.cache/perijax
+    # A data.path URL (gs://...): read in place by ranged requests, or copied to cache_dir first.
+    remote: Literal["stream", "copy"] = "stream"
     val_fraction: float = 0.05
     num_threads: int = 2
     prefetch: int = 4
@@ -337,6 +339,7 @@ PARAM_DTYPES = choices(ModelConfig, "param_dtype")
 REMAT = choices(ModelConfig, "remat")
 ATTENTION = choices(ModelConfig, "attention")
 DATA_SOURCES = choices(DataConfig, "source")
+DATA_REMOTE = choices(DataConfig, "remote")
 SCHEDULES = choices(OptimConfig, "schedule")
 ON_BAD_STEPS = choices(TrainConfig, "on_repeated_bad_steps")
 # Where a run's metrics are sent, not what it computes: runs that differ only here are one

@@ -8,7 +8,9 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,7 +122,8 @@ class MetricWriter:
     next numbered segment `metrics.d/000000001.jsonl`, ...: at most every `upload_secs`, at
     every `flush()` (the trainer flushes with each checkpoint, so a killed run loses no row up
     to its last checkpoint) and at `close()`. An upload's cost is that of its own rows, however
-    long the run. `metric_lines` reads metrics.jsonl and then every segment, in order.
+    long the run. `metric_lines` reads metrics.jsonl and then every segment, in order. The
+    TensorBoard scalars of each upload go to a new event file beside them, likewise.
     """
 
     def __init__(
@@ -136,7 +139,9 @@ class MetricWriter:
         self._tb = None
         self._wandb = None
         self._remote = None  # the segments folder of a gs:// workdir
+        self._workdir = workdir
         self._pending: list[str] = []  # rows not yet uploaded
+        self._tb_pending: list[tuple[int, dict[str, float]]] | None = None  # the same, for TB
         self._segment = 0  # the last segment number written
         self._upload_secs, self._last_upload = upload_secs, time.monotonic()
         if not enabled:
@@ -155,7 +160,10 @@ class MetricWriter:
             # A diverged run logs NaN on purpose (metrics.jsonl keeps it as "nan");
             # tensorboardX would warn once per scalar per step.
             logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
-            self._tb = SummaryWriter(str(workdir), flush_secs=10)
+            if self._remote is None:
+                self._tb = SummaryWriter(str(workdir), flush_secs=10)
+            else:  # one new event file per upload (tensorboardX would re-upload one whole)
+                self._tb_pending = []
         except ImportError:  # TensorBoard output is optional; metrics.jsonl is not
             self._tb = None
 
@@ -168,6 +176,8 @@ class MetricWriter:
             row[key] = value if math.isfinite(value) else str(value)
             if self._tb is not None:
                 self._tb.add_scalar(key, value, int(step))
+        if self._tb_pending is not None:
+            self._tb_pending.append((int(step), values))
         if self._wandb is not None:
             self._wandb.write(int(step), values)
         line = json.dumps(row) + "\n"
@@ -188,8 +198,26 @@ class MetricWriter:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text("".join(self._pending))
             self._pending, self._last_upload = [], time.monotonic()
+            if self._tb_pending:
+                self._upload_tensorboard()
         if self._tb is not None:
             self._tb.flush()
+
+    def _upload_tensorboard(self) -> None:
+        """The scalars since the last upload as a new TensorBoard event file in the workdir
+        (TensorBoard reads every event file of a run folder, in name order: time, host and
+        segment number)."""
+        from tensorboardX import SummaryWriter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tb = SummaryWriter(tmp, filename_suffix=f".{self._segment:09d}")
+            for step, values in self._tb_pending:
+                for key, value in values.items():
+                    tb.add_scalar(key, value, step)
+            tb.close()
+            for f in Path(tmp).iterdir():
+                (storage.as_path(self._workdir) / f.name).write_bytes(f.read_bytes())
+        self._tb_pending = []
 
     def close(self) -> None:
         if not self.enabled:

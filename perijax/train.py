@@ -163,6 +163,7 @@ def load_data(cfg: Config, log: Callable[[str], None] = print) -> data_lib.Datas
             vocab_size=cfg.model.vocab_size,
             seed=cfg.train.seed,
             cache_dir=cfg.data.cache_dir or None,
+            remote=cfg.data.remote,
             val_fraction=cfg.data.val_fraction,
             log=log,
         )

@@ -141,6 +141,7 @@ def run_tokenizer(cfg: Config):
             path=cfg.data.path,
             vocab_size=cfg.model.vocab_size,
             cache_dir=cfg.data.cache_dir or None,
+            remote=cfg.data.remote,
             val_fraction=cfg.data.val_fraction,
             log=lambda _: None,
             verify=False,

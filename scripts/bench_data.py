@@ -2,6 +2,8 @@
 worker count, and loader throughput (tokens/s) at the configs/small.py shape.
 
     python scripts/bench_data.py [--mb 10] [--workers 1 2] [--trainer-tokens-per-s 1500]
+    python scripts/bench_data.py --gcs     # only: local shards vs the same read from a GCS
+                                           # emulator, in place and copied (the test extra)
 
 The corpus is the embedded stdlib corpus (corpus.stdlib_files, ~10 MB of real Python source),
 written once as JSON Lines, so the numbers are reproducible on any machine with no download.
@@ -108,6 +110,85 @@ def bench_loader(made: dict[str, Path], batches: int, trainer_rate: float) -> No
         print(f"| {label} | {rate:,.0f} | {rate / trainer_rate:,.0f}x |", flush=True)
 
 
+def bench_remote(corpus: Path, work: Path, batches: int, latency_ms: float) -> None:
+    """Loader tokens/s over a bytes-tokenized dataset: local shards, and the same uploaded to a
+    GCS emulator on this machine, read in place (per thread count) and copied to the cache.
+    `latency_ms` adds that wait to every object read (the emulator answers in well under a
+    millisecond; a real bucket's first byte takes tens of milliseconds)."""
+    import asyncio
+    import gc
+    import sys
+
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # as the emulator needs
+    import gcsfs
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import gcs_emulator
+    from etils import epath
+
+    from perijax.data import remote
+
+    folder = work / "bytes-gcs"
+    shutil.rmtree(folder, ignore_errors=True)
+    prepare([str(corpus)], folder, tokenizer="bytes", shard_mb=8.0, val_fraction=0.01,
+            log=lambda s: None, warn=lambda s: None)  # fmt: skip
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+    shutil.rmtree(work / "gcs", ignore_errors=True)
+    (work / "gcs").mkdir()
+    if latency_ms:
+        real = gcsfs.GCSFileSystem._cat_file
+
+        async def slow(self, *args, **kwargs):
+            await asyncio.sleep(latency_ms / 1e3)
+            return await real(self, *args, **kwargs)
+
+        gcsfs.GCSFileSystem._cat_file = slow
+    with gcs_emulator.running(work / "gcs", "bench"):
+        url = "gs://bench/bytes"
+        t0 = time.perf_counter()
+        for f in folder.iterdir():
+            (epath.Path(url) / f.name).write_bytes(f.read_bytes())
+        upload = time.perf_counter() - t0
+        print(f"\ndataset: {size:.0f} MB of uint16 shards; uploaded to the emulator in "
+              f"{upload:.1f} s ({size / upload:.0f} MB/s)\n")  # fmt: skip
+        print(f"added latency per request: {latency_ms:g} ms\n")
+        print(f"| data (global batch 32, {os.cpu_count()} CPUs) | seq_len | threads | "
+              "tokens/s | requests per batch | open (s) |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
+        cache = work / "gcs-cache"
+        cases = [
+            ("local shards", str(folder), 2, {}),
+            ("gs://, in place", url, 2, {}),
+            ("gs://, in place", url, 8, {}),
+            ("gs://, in place", url, 16, {}),
+            ("gs://, in place, segment ids", url, 8, {"with_segment_ids": True}),
+            ("gs://, copied to the cache (data.remote=copy)", url, 2, {}),
+        ]
+        for seq_len in (256, 2048):
+            for label, path, threads, kwargs in cases:
+                shutil.rmtree(cache, ignore_errors=True)
+                t0 = time.perf_counter()
+                ds = open_datasets(
+                    "prepared", path=path, vocab_size=257, cache_dir=str(cache),
+                    remote="copy" if "copied" in label else "stream", log=lambda s: None,
+                )  # fmt: skip
+                opened = time.perf_counter() - t0
+                it = ds.train_iterator(seq_len=seq_len, global_batch_size=32, seed=0,
+                                       num_threads=threads, prefetch=16, **kwargs)  # fmt: skip
+                next(it)  # start-up (threads, first requests) is not throughput
+                remote.READS.reset()
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    next(it)
+                rate = batches * 32 * seq_len / (time.perf_counter() - t0)
+                per_batch = remote.READS.requests / batches
+                print(f"| {label} | {seq_len} | {threads} | {rate:,.0f} | {per_batch:.1f} | "
+                      f"{opened:.1f} |", flush=True)  # fmt: skip
+                del it, ds
+                gc.collect()
+                time.sleep(1)  # the last iterator's read-ahead stops before the next case
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=100.0, help="corpus size cap (default all)")
@@ -121,13 +202,18 @@ def main() -> None:
         help="what the trainer consumes (configs/small.py on 2 CPU cores: ~1.5k)",
     )
     parser.add_argument("--work-dir", help="where datasets go (default: a temp folder)")
+    parser.add_argument("--gcs", action="store_true", help="only the object-storage loader part")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="--gcs: added per request")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="perijax-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     corpus, mb = write_corpus(work, args.mb, args.repeat)
     print(f"corpus: {corpus} ({mb:.1f} MB of JSON Lines from the stdlib)\n")
-    made = bench_prepare(corpus, work, args.workers)
-    bench_loader(made, args.batches, args.trainer_tokens_per_s)
+    if args.gcs:
+        bench_remote(corpus, work, args.batches, args.latency_ms)
+    else:
+        made = bench_prepare(corpus, work, args.workers)
+        bench_loader(made, args.batches, args.trainer_tokens_per_s)
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
 

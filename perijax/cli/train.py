@@ -80,12 +80,15 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     if jax.process_index() == 0:
         print(f"workdir: {workdir}", flush=True)
     from perijax.checkpoint import CheckpointError
+    from perijax.data import DataError
     from perijax.lease import LeaseError
 
     try:
         train_lib.train(cfg, workdir, data=data, log=lambda s: print(s, flush=True))
     except (ConfigError, CheckpointError, LeaseError) as e:
         return fail(str(e))
+    except DataError as e:  # an object gone or truncated mid-run; the checkpoints are intact
+        return fail(f"{e} (the run stopped; a relaunch resumes from its last checkpoint)")
     except train_lib.TrainingDiverged as e:
         return fail(f"training diverged: {e}", code=3)
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from perijax.data.datasets import (
     parse_mixture,
 )
 from perijax.data.packing import PackedWindows, TokenStream
+from perijax.data.remote import DataError
 from perijax.data.shards import open_prepared
 from perijax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -27,6 +28,7 @@ __all__ = [
     "EOD_TOKEN",
     "OPEN_SOURCES",
     "SOURCES",
+    "DataError",
     "Datasets",
     "PackedWindows",
     "TokenData",

@@ -11,9 +11,11 @@ number of global batches consumed, so it restores under any process count.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from perijax import storage
-from perijax.config import DataConfig, TrainConfig
+from perijax.config import DATA_REMOTE, DataConfig, TrainConfig
 from perijax.data.corpus import TokenData, cache_root, load_token_data
 from perijax.data.packing import PackedWindows, TokenStream, doc_offsets_from_eod
+from perijax.data.remote import DataError, open_remote, read_object
 from perijax.data.shards import PreparedDataset, local_copy, open_prepared
 
 OPEN_SOURCES = ("stdlib", "synthetic", "prepared")
@@ -152,7 +155,7 @@ class Datasets:
             raise ValueError(f"seed={seed} must be in [0, 2**32)")
         if num_threads < 0 or prefetch < 0:
             raise ValueError(f"num_threads={num_threads} and prefetch={prefetch} must be >= 0")
-        parts = []
+        sources, parts = [], []
         for c, m in enumerate(self._members):
             source = PackedWindows(m.train, seq_len, with_segment_ids)
             needed = max(1, math.ceil(m.weight * B))  # windows in this member's share of a batch
@@ -167,7 +170,10 @@ class Datasets:
             member_seed = seed
             if c:
                 member_seed = int(np.random.SeedSequence([seed, c]).generate_state(1)[0])
-            parts.append(grain.MapDataset.source(source).shuffle(seed=member_seed).repeat())
+            # The pipeline orders (member, window) pairs; the windows are read per batch.
+            windows = grain.MapDataset.range(len(source)).shuffle(seed=member_seed).repeat()
+            parts.append(windows.map(functools.partial(_tag, c)))
+            sources.append(source)
         if len(parts) == 1:
             samples = parts[0]
         else:
@@ -176,6 +182,7 @@ class Datasets:
         # Local batch r = s*P + p of size b holds global samples s*B + p*b + j: slicing after
         # batching makes each process read only its own rows.
         local = samples.batch(b, drop_remainder=True)[process_index::P]
+        local = local.map(_BatchReader(sources))
         options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
         spec = {"dataset": self._key, "seed": seed, "seq_len": seq_len}
         return TrainIterator(iter(local.to_iter_dataset(options)), B, spec)
@@ -221,6 +228,38 @@ class Datasets:
         return [batched[j] for j in range(count)]
 
 
+def _tag(member: int, window: int) -> tuple[int, int]:
+    return member, window
+
+
+class _BatchReader:
+    """Reads a batch of (member, window) pairs: each member's windows together (one round of
+    concurrent requests for data read in place), rows in batch order."""
+
+    def __init__(self, sources: list[PackedWindows]):
+        self._sources = sources
+
+    def __call__(self, pairs: tuple[np.ndarray, np.ndarray]):
+        members, windows = pairs
+        if len(self._sources) == 1:
+            return self._sources[0].read_many(windows)
+        rows = [None] * len(windows)
+        for c in np.unique(members):
+            where = np.flatnonzero(members == c)
+            got = self._sources[c].read_many(windows[where])
+            for j, row in zip(where, _unstack(got), strict=True):
+                rows[j] = row
+        if isinstance(rows[0], dict):
+            return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        return np.stack(rows)
+
+
+def _unstack(batch) -> list:
+    if isinstance(batch, dict):
+        return [dict(zip(batch, row, strict=True)) for row in zip(*batch.values(), strict=True)]
+    return list(batch)
+
+
 class TrainIterator:
     """The process-local view of the global training stream, with a global, resumable state.
 
@@ -241,7 +280,10 @@ class TrainIterator:
         return self
 
     def __next__(self):
-        return next(self._it)
+        try:
+            return next(self._it)
+        except DataError as e:  # Grain appends lines about its traceback filtering
+            raise DataError(str(e).splitlines()[0]) from None
 
     def get_state(self) -> dict:
         s = int(self._it.get_state()["next_index"])
@@ -317,6 +359,7 @@ def open_datasets(
     seed: int = TrainConfig.seed,
     cache_dir: str | None = DataConfig.cache_dir,
     val_fraction: float = DataConfig.val_fraction,
+    remote: str = DataConfig.remote,
     log: Callable[[str], None] = print,
     verify: bool = True,
 ) -> Datasets:
@@ -329,15 +372,20 @@ def open_datasets(
       vocab_size: the model's vocabulary; a dataset whose tokenizer has more ids is an error.
       seed: seeds the synthetic stream (the training shuffle takes its seed separately).
       cache_dir, val_fraction: for stdlib (prepared datasets hold a fixed validation split);
-        cache_dir also holds the local copy of a prepared dataset given as a URL (`gs://...`).
+        cache_dir also holds the tokenizer file (and, with remote="copy", the local copy) of a
+        prepared dataset given as a URL (`gs://...`).
+      remote: how a prepared dataset at a URL is read: "stream" reads the windows in place by
+        ranged requests (perijax.data.remote); "copy" copies it to cache_dir once, then reads
+        the copy like a local folder.
       log: receives one-line messages.
       verify: check every shard's sha256 (reads all data once, in threads: docs/data.md has
-        the cost); sizes are always checked.
+        the cost); for a URL read in place, compare each object's stored crc32c with the
+        manifest's instead (reads no data). Sizes are always checked.
 
     Raises:
       ValueError with a one-line message: unknown source, bad path or mixture, an unfinished
-      or corrupt dataset, a tokenizer larger than `vocab_size`, members of a mixture with
-      different tokenizers.
+      or corrupt dataset (a missing, short or mismatched object: remote.DataError), a
+      tokenizer larger than `vocab_size`, members of a mixture with different tokenizers.
     """
     if source in ("stdlib", "synthetic"):
         if path:
@@ -351,10 +399,21 @@ def open_datasets(
             f"unknown data.source {source!r}: expected one of {', '.join(OPEN_SOURCES)}"
         )
 
+    if remote not in DATA_REMOTE:
+        raise ValueError(f"data.remote={remote!r}: expected one of {', '.join(DATA_REMOTE)}")
     opened: list[tuple[PreparedDataset, float]] = []
+    tokenizer_files: list[str | None] = []
     for folder, weight in parse_mixture(path):
         t0 = time.perf_counter()
-        if storage.is_url(folder):  # copied once into the local cache (np.memmap needs files)
+        checked = "sha256 verified" if verify else "sizes checked"
+        if storage.is_url(folder) and remote == "stream":
+            ds, note = open_remote(folder, verify=verify)
+            if note:
+                log(note)
+            checked = "read in place, sizes checked"
+            if verify and not note:
+                checked = "read in place, sizes and crc32c checked"
+        elif storage.is_url(folder):  # copied once into the local cache, then memory-mapped
             ds = open_prepared(local_copy(folder, cache_root(cache_dir)), verify=verify)
         else:
             ds = open_prepared(folder, verify=verify)
@@ -371,8 +430,8 @@ def open_datasets(
                 f"mixture members use different tokenizers: {first.path} has "
                 f"{_describe(first.tokenizer)}, {folder} has {_describe(tok)}"
             )
+        tokenizer_files.append(_tokenizer_file(ds, cache_root(cache_dir)))
         splits = ds.manifest["splits"]
-        checked = "sha256 verified" if verify else "sizes checked"
         log(
             f"opened {folder}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} "
             f"val tokens in {len(ds.train)} shards, {_describe(tok)}, {checked} in "
@@ -400,7 +459,26 @@ def open_datasets(
         name=name,
         vocab_size=tok["vocab_size"],
         tokenizer=tok["kind"],
-        tokenizer_path=str(first.path / tok["file"]) if tok.get("file") else None,
+        tokenizer_path=tokenizer_files[0],
         eod_id=tok["eod_id"],
         members=members,
     )
+
+
+def _tokenizer_file(ds: PreparedDataset, cache: Path) -> str | None:
+    """The local tokenizer.json of a dataset, if its tokenizer is a file; one read in place
+    from a URL is copied (a few MB at most) to cache/remote/<hash of its URL>/."""
+    name = ds.tokenizer.get("file")
+    if not name:
+        return None
+    if not storage.is_url(ds.path):
+        return str(Path(ds.path) / name)
+    source = f"{ds.path}/{name}"
+    dest = cache / "remote" / hashlib.sha256(source.encode()).hexdigest()[:16] / name
+    data = read_object(source)
+    if not dest.is_file() or dest.read_bytes() != data:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(dest)
+    return str(dest)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from perijax import storage
+from perijax.data import remote
 from perijax.data.shards import Shard
 
 
@@ -50,7 +52,8 @@ class TokenStream:
     """Read-only concatenation of token parts with document offsets.
 
     Args:
-      shards: prepared shard files, read through np.memmap when first touched.
+      shards: prepared shard files, read through np.memmap when first touched (or by ranged
+        reads when they are URLs: perijax.data.remote).
       arrays: or in-memory (or memmapped) parts, as (tokens [n], offsets [docs + 1]) pairs.
     Parts with no tokens are dropped. Documents never span parts.
     """
@@ -80,40 +83,58 @@ class TokenStream:
                 part = self._arrays[p]
             else:
                 s = self._shards[p]
-                # Two threads may both map the same part; the second assignment is harmless.
-                part = (
-                    np.memmap(s.bin_path, dtype=np.dtype(s.dtype), mode="r"),
-                    np.memmap(s.idx_path, dtype="<i8", mode="r"),
-                )
+                # Two threads may both open the same part; the second assignment is harmless.
+                if storage.is_url(s.bin_path):  # read in place by ranged requests
+                    part = remote.open_shard(s)
+                else:
+                    part = (
+                        np.memmap(s.bin_path, dtype=np.dtype(s.dtype), mode="r"),
+                        np.memmap(s.idx_path, dtype="<i8", mode="r"),
+                    )
             self._loaded[p] = part
         return part
 
     def read(self, start: int, stop: int, *, segment_ids: bool = False):
         """tokens[start:stop] as [stop - start] int32; with `segment_ids`, also [stop - start]
         int32 document numbers counted from 1 at `start` (equal ids = same document)."""
-        if not 0 <= start <= stop <= len(self):
-            raise IndexError(f"[{start}, {stop}) out of range [0, {len(self)}]")
-        out = np.empty(stop - start, np.int32)
-        seg = np.empty(stop - start, np.int64) if segment_ids else None
-        pos = start
-        p = int(np.searchsorted(self._starts, start, side="right")) - 1
-        while pos < stop:
-            tokens, offsets = self._part(p)
-            local = pos - int(self._starts[p])
-            n = min(stop, int(self._starts[p + 1])) - pos
-            out[pos - start : pos - start + n] = tokens[local : local + n]
-            if seg is not None:
-                where = np.arange(local, local + n)
-                seg[pos - start : pos - start + n] = (
-                    np.searchsorted(offsets, where, side="right") - 1 + self._doc_base[p]
-                )
-            pos += n
-            p += 1
-        if seg is None:
-            return out
-        if len(seg):
-            seg -= seg[0] - 1  # number the documents of this range from 1
-        return out, seg.astype(np.int32)
+        return self.read_many([(start, stop)], segment_ids=segment_ids)[0]
+
+    def read_many(self, ranges: Sequence[tuple[int, int]], *, segment_ids: bool = False) -> list:
+        """`read(start, stop)` of each range; the parts read in place from object storage are
+        fetched by concurrent requests (remote.read_slices), the rest sliced from memory maps."""
+        outs, segs, fetch, into = [], [], [], []
+        for start, stop in ranges:
+            if not 0 <= start <= stop <= len(self):
+                raise IndexError(f"[{start}, {stop}) out of range [0, {len(self)}]")
+            out = np.empty(stop - start, np.int32)
+            seg = np.empty(stop - start, np.int64) if segment_ids else None
+            pos = start
+            p = int(np.searchsorted(self._starts, start, side="right")) - 1
+            while pos < stop:
+                tokens, offsets = self._part(p)
+                local = pos - int(self._starts[p])
+                n = min(stop, int(self._starts[p + 1])) - pos
+                dst = slice(pos - start, pos - start + n)
+                if isinstance(tokens, remote.RemoteArray):
+                    fetch.append((tokens, local, local + n))
+                    into.append((out, dst))
+                else:
+                    out[dst] = tokens[local : local + n]
+                if seg is not None:
+                    where = np.arange(local, local + n)
+                    seg[dst] = offsets.searchsorted(where, side="right") - 1 + self._doc_base[p]
+                pos += n
+                p += 1
+            outs.append(out)
+            segs.append(seg)
+        for (out, dst), data in zip(into, remote.read_slices(fetch), strict=True):
+            out[dst] = data
+        if not segment_ids:
+            return outs
+        for seg in segs:
+            if len(seg):
+                seg -= seg[0] - 1  # number the documents of this range from 1
+        return [(out, seg.astype(np.int32)) for out, seg in zip(outs, segs, strict=True)]
 
     def __getstate__(self) -> dict:
         # Maps are re-opened after unpickling; whole-file memmaps travel as their file name.
@@ -158,6 +179,22 @@ class PackedWindows:
             return self._stream.read(start, stop)
         tokens, seg = self._stream.read(start, stop, segment_ids=True)
         return {"tokens": tokens, "segment_ids": seg}
+
+    def read_many(self, indices: Sequence[int]):
+        """Records `indices` stacked: [k, seq_len + 1] int32, or a dict of two such arrays with
+        `segment_ids`; read together (concurrent requests for data read in place)."""
+        for index in indices:
+            if not 0 <= index < len(self):
+                raise IndexError(f"window {index} out of range [0, {len(self)})")
+        ranges = [(int(i) * self._seq_len, int(i) * self._seq_len + self._seq_len + 1)
+                  for i in indices]  # fmt: skip
+        rows = self._stream.read_many(ranges, segment_ids=self._segment_ids)
+        if not self._segment_ids:
+            return np.stack(rows) if rows else np.empty((0, self._seq_len + 1), np.int32)
+        return {  # keys in sorted order, as Grain's batching of records gives them
+            "segment_ids": np.stack([s for _, s in rows]),
+            "tokens": np.stack([t for t, _ in rows]),
+        }
 
     def __repr__(self) -> str:
         return f"PackedWindows({len(self._stream)} tokens, seq_len={self._seq_len})"

@@ -8,8 +8,10 @@ A dataset folder holds, per split (``train``, ``val``) and shard index ``NNNNN``
   ids, else uint32. Memory-mappable as one flat array.
 * ``{split}-NNNNN.idx``: little-endian int64 offsets, one per document plus a final one: document
   d is ``tokens[idx[d]:idx[d + 1]]`` (its last token is the end-of-document id).
-* ``manifest.json``: tokenizer, dtype, counts and the sha256 of every file; written last, so a
-  folder without it is never a finished dataset. ``tokenizer.json`` when the tokenizer is a file.
+* ``manifest.json``: tokenizer, dtype, counts and the sha256 and crc32c of every file; written
+  last, so a folder without it is never a finished dataset. (crc32c is the checksum object stores
+  keep of each object: a dataset read in place from `gs://` is checked against it for free.)
+  ``tokenizer.json`` when the tokenizer is a file.
 
 Files are written under a dot-prefixed temporary name and renamed when complete.
 """
@@ -24,6 +26,7 @@ import os
 import shutil
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 
 FORMAT = "perijax-tokens"
@@ -71,6 +74,7 @@ class ShardWriter:
         self._dtype = dtype
         self._offsets = [0]
         self._hash = hashlib.sha256()
+        self._crc = google_crc32c.Checksum()
         self._file = None
 
     def _tmp(self, name: str) -> Path:
@@ -83,6 +87,7 @@ class ShardWriter:
         data = np.asarray(ids).astype(self._dtype, copy=False).tobytes()
         self._file.write(data)
         self._hash.update(data)
+        self._crc.update(data)
         self._offsets.append(self._offsets[-1] + len(ids))
 
     def finish(self) -> dict | None:
@@ -102,6 +107,8 @@ class ShardWriter:
             "documents": len(self._offsets) - 1,
             "bin_sha256": self._hash.hexdigest(),
             "idx_sha256": hashlib.sha256(idx).hexdigest(),
+            "bin_crc32c": self._crc.digest().hex(),
+            "idx_crc32c": google_crc32c.Checksum(idx).digest().hex(),
         }
 
     def abort(self) -> None:
@@ -124,8 +131,8 @@ def check_files(folder: Path, entries: list[dict], dtype: np.dtype, *, checksums
     (with `checksums`) the wrong sha256. Hashing runs on a few threads."""
     jobs = []
     for e in entries:
-        for key, size in (("bin", e["tokens"] * dtype.itemsize), ("idx", (e["documents"] + 1) * 8)):
-            path = folder / e[key]
+        for key in ("bin", "idx"):
+            path, size = folder / e[key], expected_size(e, key, dtype)
             if not path.is_file():
                 raise ValueError(f"shard file missing: {path}; the dataset is incomplete")
             if path.stat().st_size != size:
@@ -159,9 +166,10 @@ class Shard:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedDataset:
-    """A prepared dataset folder after its manifest and files were checked."""
+    """A prepared dataset folder after its manifest and files were checked; `path` is a Path,
+    or the URL (a str) of one read in place (perijax.data.remote)."""
 
-    path: Path
+    path: Path | str
     manifest: dict
     train: list[Shard]
     val: list[Shard]
@@ -169,6 +177,25 @@ class PreparedDataset:
     @property
     def tokenizer(self) -> dict:
         return self.manifest["tokenizer"]
+
+
+def parse_manifest(text: str, where: str) -> dict:
+    """The manifest in `text` (read from `where`), after its format and version are checked."""
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where} is not valid JSON ({e})") from e
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{where} has format {manifest.get('format')!r} version "
+            f"{manifest.get('format_version')}, expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def expected_size(entry: dict, key: str, dtype: np.dtype) -> int:
+    """Bytes of the "bin" or "idx" file of a manifest shard entry."""
+    return entry["tokens"] * dtype.itemsize if key == "bin" else (entry["documents"] + 1) * 8
 
 
 def open_prepared(path: str | os.PathLike, *, verify: bool = True) -> PreparedDataset:
@@ -188,15 +215,7 @@ def open_prepared(path: str | os.PathLike, *, verify: bool = True) -> PreparedDa
                 "`perijax prepare` command again to resume it"
             )
         raise ValueError(f"{folder} has no {MANIFEST}: not a dataset made by `perijax prepare`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{manifest_path} is not valid JSON ({e})") from e
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{manifest_path} has format {manifest.get('format')!r} version "
-            f"{manifest.get('format_version')}, expected {FORMAT!r} version {FORMAT_VERSION}"
-        )
+    manifest = parse_manifest(manifest_path.read_text(), str(manifest_path))
     dtype = np.dtype(manifest["dtype"])
     splits = {}
     for split in SPLITS:
