@@ -22,6 +22,7 @@ layout, the rollback) sit below `train()`, since nothing else uses them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -352,6 +353,7 @@ def train(
     # --- lease: one trainer per workdir (perijax/lease.py); process 0 holds it, and every
     # process learns whether it got it before anything is written.
     lease = _take_lease(workdir, process, log)
+    ckpt = writer = None
     try:
         if process == 0 and bad:
             _set_aside(workdir / "checkpoints", bad, log)
@@ -463,7 +465,17 @@ def train(
             log(f"done: step {step} in {format_duration(total_time)}; workdir {workdir}")
         log(goodput.summary())
         return {"train": step_log.last, "eval": last_eval, "state": state, "preempted": preempted}
+    except BaseException:
+        # Stopped by an error (data gone, divergence, Ctrl-C): saves in flight finish and the
+        # metrics so far are written before the error goes up; neither may mask it.
+        for part in (ckpt, writer):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.close()
+        raise
     finally:
+        if hasattr(batches, "close"):  # stops the read-ahead threads
+            batches.close()
         if lease is not None:
             lease.release()
 

@@ -3,10 +3,14 @@ fsspec calls as `gs://` (ranged `cat_file`, one listing) without an emulator. te
 repeats the main checks against the GCS emulator, with its crc32c."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import google_crc32c
 import numpy as np
 import pytest
+from test_checkpoint import BASE, _wait_for_step
 from test_data_loader import _docs, _prepare
 
 from perijax.data import DataError, open_datasets
@@ -138,3 +142,35 @@ def test_bad_objects_are_one_line_errors_naming_them(words, tmp_path):
             for _ in range(100):
                 next(it)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_an_object_gone_mid_run_stops_training_with_one_line(words, tmp_path):
+    """`perijax train` on a dataset read in place whose shards are deleted while it runs: exit
+    1 with one line naming the object; the checkpoints written before it are intact."""
+    data = _copy(words, tmp_path / "data")
+    overrides = {**BASE, "data.source": "prepared", "data.path": _url(data),
+                 "model.vocab_size": "257", "train.total_steps": "100000",
+                 "checkpoint.every_steps": "2",
+                 "data.cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "perijax.cli", "train", "--workdir", str(tmp_path / "run"),
+         *[f"--config.{k}={v}" for k, v in overrides.items()]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    try:
+        _wait_for_step(proc, 4)
+        for f in data.glob("train-*.bin"):
+            f.unlink()
+        proc.stdout.read()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 1, err
+    finally:
+        proc.kill()
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("perijax: error: shard object missing: file://"), err
+    assert lines[-1].endswith("(the run stopped; a relaunch resumes from its last checkpoint)")
+    assert not any("Traceback" in line for line in lines), err
+    saved = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved, "the checkpoints written before the error are kept"

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     except (ConfigError, CheckpointError, LeaseError) as e:
         return fail(str(e))
     except DataError as e:  # an object gone or truncated mid-run; the checkpoints are intact
-        return fail(f"{e} (the run stopped; a relaunch resumes from its last checkpoint)")
+        return fail(f"{e} (the run stopped; a relaunch resumes from its last checkpoint)", code=1)
     except train_lib.TrainingDiverged as e:
         return fail(f"training diverged: {e}", code=3)
     except KeyboardInterrupt:

@@ -285,6 +285,12 @@ class TrainIterator:
         except DataError as e:  # Grain appends lines about its traceback filtering
             raise DataError(str(e).splitlines()[0]) from None
 
+    def close(self) -> None:
+        """Stops the read-ahead threads (batches being read are dropped)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
     def get_state(self) -> dict:
         s = int(self._it.get_state()["next_index"])
         return {
