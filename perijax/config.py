@@ -177,10 +177,16 @@ class OptimConfig:
     """AdamW with warmup and a decay schedule, global-norm clipping (perijax/optim.py)."""
 
     lr: float = 3e-4
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after a linear warmup
+    # After a linear warmup. wsd: warmup, stable at `lr`, then a decay of `decay_shape` that
+    # ends at train.total_steps (docs/configs.md, "Learning-rate schedules").
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     warmup_steps: int = 100
-    decay_steps: int | None = None  # None: = train.total_steps
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear)
+    # cosine, linear: the step where the decay ends (None: train.total_steps).
+    # wsd: the length of the decay (None: decay_fraction of train.total_steps).
+    decay_steps: int | None = None
+    decay_fraction: float = 0.2  # wsd: the decay's share of train.total_steps
+    decay_shape: Literal["1-sqrt", "linear", "cosine"] = "1-sqrt"  # wsd
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear, wsd)
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -191,6 +197,10 @@ class OptimConfig:
         _check_choices(self, "optim")
         _positive(self, "optim", "lr", "decay_steps", "eps")
         _non_negative(self, "optim", "warmup_steps")
+        _require(
+            0 < self.decay_fraction <= 1,
+            f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}",
+        )
         _require(
             0 <= self.min_lr_ratio <= 1,
             f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
@@ -283,11 +293,26 @@ class CheckpointConfig:
     keep_every_steps: int = 0  # also keep every checkpoint at a multiple of this (0: off)
     async_save: bool = True
     restore: str = ""  # a checkpoint step folder, checkpoints folder or workdir to start from
+    # RUN[@STEP]: start a new run from another run's checkpoint (its latest without @STEP):
+    # parameters, optimizer state and data position; read only while the workdir has no
+    # checkpoint of its own, so a requeued branch resumes itself.
+    branch_from: str = ""
 
     def check(self) -> None:
         _non_negative(
             self, "checkpoint", "every_steps", "every_minutes", "keep", "keep_every_steps"
         )
+        _require(
+            not (self.restore and self.branch_from),
+            "give checkpoint.restore or checkpoint.branch_from, not both",
+        )
+        if self.branch_from:
+            _, at, step = self.branch_from.rpartition("@")
+            _require(
+                not at or step.isdigit(),
+                f"checkpoint.branch_from={self.branch_from!r}: write RUN or RUN@STEP with a "
+                "step number, e.g. runs/stable@4000",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +366,7 @@ ATTENTION = choices(ModelConfig, "attention")
 DATA_SOURCES = choices(DataConfig, "source")
 DATA_REMOTE = choices(DataConfig, "remote")
 SCHEDULES = choices(OptimConfig, "schedule")
+DECAY_SHAPES = choices(OptimConfig, "decay_shape")
 ON_BAD_STEPS = choices(TrainConfig, "on_repeated_bad_steps")
 # Where a run's metrics are sent, not what it computes: runs that differ only here are one
 # experiment (perijax sweep and perijax report compare configs without them).
@@ -572,12 +598,28 @@ def resolve(cd: ml_collections.ConfigDict | dict) -> Config:
     return cfg
 
 
+def wsd_decay_steps(optim: OptimConfig, total_steps: int) -> int:
+    """The length of a wsd schedule's decay: optim.decay_steps, else decay_fraction of the run
+    (at least one step)."""
+    if optim.decay_steps is not None:
+        return optim.decay_steps
+    return max(1, round(optim.decay_fraction * total_steps))
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express: each section's own (its `check()`, beside
     its declaration), then those across sections."""
     for f in dataclasses.fields(cfg):
         getattr(cfg, f.name).check()
-    m, d = cfg.model, cfg.data
+    m, d, o = cfg.model, cfg.data, cfg.optim
+    if o.schedule == "wsd":
+        total = cfg.train.total_steps
+        decay = wsd_decay_steps(o, total)
+        _require(
+            o.warmup_steps + decay <= total,
+            f"optim.schedule=wsd: warmup ({o.warmup_steps}) and decay ({decay} steps) exceed "
+            f"train.total_steps={total}; shorten them or train longer",
+        )
     _require(
         m.loss_chunk_len >= 0 and (m.loss_chunk_len == 0 or d.seq_len % m.loss_chunk_len == 0),
         f"model.loss_chunk_len={m.loss_chunk_len} must divide data.seq_len={d.seq_len} "

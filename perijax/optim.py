@@ -7,15 +7,48 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from perijax.config import OptimConfig
+from perijax.config import OptimConfig, wsd_decay_steps
+
+
+def _wsd(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Warmup-stable-decay: 0 -> lr over warmup_steps, lr until the decay starts, then
+    lr -> lr * min_lr_ratio by `decay_shape` over the last wsd_decay_steps steps of the run.
+    The stable part does not depend on total_steps, so runs of any length branched from one
+    stable run share it."""
+    decay = wsd_decay_steps(cfg, total_steps)
+    start, warmup = total_steps - decay, max(cfg.warmup_steps, 0)
+    end = cfg.lr * cfg.min_lr_ratio
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        p = jnp.clip((step - start) / decay, 0.0, 1.0)
+        match cfg.decay_shape:
+            case "1-sqrt":
+                f = 1.0 - jnp.sqrt(p)
+            case "linear":
+                f = 1.0 - p
+            case "cosine":
+                f = 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+            case _:
+                raise ValueError(f"unknown optim.decay_shape {cfg.decay_shape!r}")
+        lr = end + (cfg.lr - end) * f
+        if warmup:
+            lr = jnp.where(step < warmup, cfg.lr * step / warmup, lr)
+        return lr
+
+    return schedule
 
 
 @functools.cache
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine or linear decay to
-    `lr * min_lr_ratio` at `decay_steps` (default: the run's total steps), or constant."""
+    `lr * min_lr_ratio` at `decay_steps` (default: the run's total steps), or constant; or
+    warmup-stable-decay (`wsd`)."""
+    if cfg.schedule == "wsd":
+        return _wsd(cfg, total_steps)
     decay_steps = cfg.decay_steps or total_steps
     warmup = max(cfg.warmup_steps, 0)
     after = max(decay_steps - warmup, 1)

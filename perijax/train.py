@@ -198,11 +198,15 @@ def _restore_or_init(cfg: Config, mesh: Mesh, own: Any, log) -> tuple:
     its checksums is named in one line and the next older one is tried (an explicit
     checkpoint.restore is not: it is an error). Returns (state, data_state or None, source,
     the steps of `own` found bad)."""
+    has_own = own.is_dir() and any(c.name.isdigit() for c in own.iterdir())
     if cfg.checkpoint.restore:
         directory, step = resolve_restore_path(cfg.checkpoint.restore)
         how = "restored {} (checkpoint.restore)"
-    elif own.is_dir() and any(c.name.isdigit() for c in own.iterdir()):
+    elif has_own:
         directory, step, how = own, None, "resumed from {}"
+    elif cfg.checkpoint.branch_from:
+        directory, step = branch_source(cfg.checkpoint.branch_from)
+        how = "branched from {} (checkpoint.branch_from)"
     else:
         return init_state(cfg, mesh), None, "initialized from train.seed", []
     source = Checkpointer(directory, cfg.checkpoint, read_only=True)
@@ -214,7 +218,7 @@ def _restore_or_init(cfg: Config, mesh: Mesh, own: Any, log) -> tuple:
             try:
                 state, data_state = _restore(cfg, mesh, source, candidate)
             except CheckpointError as e:
-                if step is not None:  # an explicit checkpoint: no fallback
+                if step is not None or directory != own:  # not the run's own: no fallback
                     raise
                 failed, why = e, str(e)
             # Every process must fall back alike: a shard may be bad on one process only.
@@ -233,6 +237,40 @@ def _restore_or_init(cfg: Config, mesh: Mesh, own: Any, log) -> tuple:
         return init_state(cfg, mesh), None, "initialized from train.seed", []
     finally:
         source.manager.close()
+
+
+def _record_branch(workdir: Any, spec: str, source: str, step: int) -> None:
+    """WORKDIR/branch.json: which run and checkpoint this run started from (its first launch;
+    relaunches resume the branch's own checkpoints)."""
+    record = {
+        "branch_from": spec,
+        "checkpoint": source.removeprefix("branched from ").split(" (")[0],
+        "step": step,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (workdir / "branch.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def branch_source(spec: str) -> tuple[Any, int | None]:
+    """checkpoint.branch_from "RUN[@STEP]" -> (RUN's checkpoints folder, STEP or None for the
+    latest); ConfigError in one line when there is no such run or step."""
+    run, at, step = spec.rpartition("@")
+    if not at:
+        run, step = spec, ""
+    folder = storage.as_path(run) / "checkpoints"
+    steps = sorted(int(c.name) for c in folder.iterdir() if c.name.isdigit()) if (
+        folder.is_dir()) else []  # fmt: skip
+    if not steps:
+        raise ConfigError(
+            f"checkpoint.branch_from={spec!r}: no checkpoints in {folder} (give the workdir of "
+            "a run that has saved)"
+        )
+    if step and int(step) not in steps:
+        raise ConfigError(
+            f"checkpoint.branch_from={spec!r}: {run} has no checkpoint at step {step} (it has "
+            f"{', '.join(map(str, steps[-8:]))})"
+        )
+    return folder, int(step) if step else None
 
 
 def _set_aside(own: Any, bad: list[int], log) -> None:
@@ -348,7 +386,10 @@ def train(
     with goodput.timed("restore"):
         state, data_state, source, bad = _restore_or_init(cfg, mesh, workdir / "checkpoints", log)
     if data_state is not None:
-        batches.set_state(data_state)
+        try:
+            batches.set_state(data_state)
+        except ValueError as e:  # e.g. a branch with another data.seq_len or dataset
+            raise ConfigError(f"cannot continue the data stream of {source}: {e}") from e
 
     # --- lease: one trainer per workdir (perijax/lease.py); process 0 holds it, and every
     # process learns whether it got it before anything is written.
@@ -362,6 +403,8 @@ def train(
         resolved["model"]["dtype"] = jnp.dtype(compute_dtype(cfg.model)).name
         if process == 0:
             record_config(workdir, resolved, int(state.step))
+            if source.startswith("branched from"):
+                _record_branch(workdir, cfg.checkpoint.branch_from, source, int(state.step))
         ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
         start_step = int(state.step)
         # The last step an earlier launch logged: past the restored one, it was done and lost.

@@ -145,6 +145,7 @@ CHOICE_TUPLES = {
     "data.source": config_lib.DATA_SOURCES,
     "data.remote": config_lib.DATA_REMOTE,
     "optim.schedule": config_lib.SCHEDULES,
+    "optim.decay_shape": config_lib.DECAY_SHAPES,
     "train.on_repeated_bad_steps": config_lib.ON_BAD_STEPS,
 }
 # What a value needs besides itself to be a valid config.

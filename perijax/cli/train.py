@@ -36,6 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="start from this checkpoint (a checkpoints/<step> folder, or a workdir for its "
         "latest), even if the workdir has its own; same as --config.checkpoint.restore",
     )
+    train.add_argument(
+        "--branch-from",
+        metavar="RUN[@STEP]",
+        help="start a new run (--workdir) from another run's checkpoint at STEP (default: its "
+        "latest): parameters, optimizer state and data position, with this launch's config "
+        "(e.g. a new schedule tail); a relaunch resumes the branch's own checkpoints; same as "
+        "--config.checkpoint.branch_from",
+    )
     return train
 
 
@@ -62,6 +70,8 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
     if args.restore:
         overrides = [*overrides, ("checkpoint.restore", args.restore)]
+    if args.branch_from:
+        overrides = [*overrides, ("checkpoint.branch_from", args.branch_from)]
     try:
         cfg = config_lib.load(args.config, overrides)
         workdir = args.workdir or _default_workdir(args.config)
