@@ -17,6 +17,7 @@ import importlib.resources
 import importlib.util
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -284,6 +285,41 @@ class TelemetryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out sets evaluated beside the training data's validation split (docs/configs.md)."""
+
+    # "NAME=SOURCE[,NAME=SOURCE...]": SOURCE is stdlib, synthetic, or a `perijax prepare`
+    # folder or URL; its validation split is logged as eval/NAME/loss at every evaluation.
+    sets: str = ""
+
+    def check(self) -> None:
+        eval_sets(self.sets)
+
+
+_SET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def eval_sets(text: str) -> list[tuple[str, str]]:
+    """eval.sets "NAME=SOURCE,..." -> [(name, source)]; ConfigError in one line if malformed."""
+    out: list[tuple[str, str]] = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, sep, source = item.partition("=")
+        _require(
+            bool(sep and source and _SET_NAME.match(name)),
+            f"eval.sets: bad entry {item!r}: write NAME=SOURCE (NAME of letters, digits, _ . -; "
+            "SOURCE stdlib, synthetic or a prepared dataset), e.g. "
+            "eval.sets=code=datasets/code,web=gs://bucket/web",
+        )
+        _require(
+            name not in {n for n, _ in out}, f"eval.sets names {name!r} twice: names must differ"
+        )
+        out.append((name, source))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints in WORKDIR/checkpoints (docs/checkpointing.md)."""
 
@@ -348,6 +384,7 @@ class Config:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     mesh: MeshConfig = MeshConfig()

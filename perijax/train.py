@@ -43,6 +43,7 @@ from perijax import lease as lease_lib
 from perijax import sharding as sharding_lib
 from perijax.checkpoint import Checkpointer, CheckpointError, resolve_restore_path
 from perijax.config import Config, ConfigError, flat_dict, to_dict
+from perijax.config import eval_sets as eval_sets_of
 from perijax.goodput import Goodput
 from perijax.metrics import (
     MetricWriter,
@@ -155,19 +156,24 @@ def eval_metrics(
     return {"eval/loss": loss, "eval/perplexity": perplexity(loss)}
 
 
+def _open_source(cfg: Config, source: str, path: str, log) -> data_lib.Datasets:
+    """open_datasets(source, path) with the run's data settings."""
+    return data_lib.open_datasets(
+        source,
+        path=path,
+        vocab_size=cfg.model.vocab_size,
+        seed=cfg.train.seed,
+        cache_dir=cfg.data.cache_dir or None,
+        remote=cfg.data.remote,
+        val_fraction=cfg.data.val_fraction,
+        log=log,
+    )
+
+
 def load_data(cfg: Config, log: Callable[[str], None] = print) -> data_lib.Datasets:
     """Opens (preparing on first use) the configured data and checks it against the model."""
     try:
-        data = data_lib.open_datasets(
-            cfg.data.source,
-            path=cfg.data.path,
-            vocab_size=cfg.model.vocab_size,
-            seed=cfg.train.seed,
-            cache_dir=cfg.data.cache_dir or None,
-            remote=cfg.data.remote,
-            val_fraction=cfg.data.val_fraction,
-            log=log,
-        )
+        data = _open_source(cfg, cfg.data.source, cfg.data.path, log)
     except ValueError as e:  # bad data settings are config errors: one line, nothing written
         raise ConfigError(f"data.source={cfg.data.source!r}: {e}") from e
     if data.vocab_size > cfg.model.vocab_size:
@@ -379,6 +385,7 @@ def train(
     # --- data: each process reads only its own rows; validated before anything is written.
     data = data or load_data(cfg, log)
     batches, eval_data = _open_batches(cfg, data, layout, process, n_processes)
+    eval_sets = _open_eval_sets(cfg, data, layout, log)
     eod_id = document_eod(cfg, data)
 
     # --- restore or init: parameters and optimizer state are created in their shardings.
@@ -418,6 +425,10 @@ def train(
         global_shape = (layout.micro_batch, accum, seq_len + 1)
         eval_sharding = sharding_lib.batch_sharding(mesh, 2)
         eval_data = [sharding_lib.replicated_batch(b, eval_sharding) for b in eval_data]
+        eval_sets = [
+            (name, [sharding_lib.replicated_batch(b, eval_sharding) for b in set_batches])
+            for name, set_batches in eval_sets
+        ]
 
         def save(step: int) -> None:
             writer.write(step, goodput.metrics())
@@ -428,9 +439,15 @@ def train(
         def run_eval(step: int) -> dict[str, float]:
             with goodput.timed("eval"):
                 metrics = eval_metrics(eval_fn, state, eval_data)
+                extra = ""
+                for name, set_batches in eval_sets:
+                    one = eval_metrics(eval_fn, state, set_batches)
+                    metrics[f"eval/{name}/loss"] = one["eval/loss"]
+                    metrics[f"eval/{name}/perplexity"] = one["eval/perplexity"]
+                    extra += f"  {name} {one['eval/loss']:.4f}"
             writer.write(step, metrics)
             loss, ppl = metrics["eval/loss"], metrics["eval/perplexity"]
-            log(f"eval  step {step}  loss {loss:.4f}  ppl {ppl:.1f}")
+            log(f"eval  step {step}  loss {loss:.4f}  ppl {ppl:.1f}{extra}")
             return metrics
 
         # --- loop: one decision per step (`Schedule.after`), then acted on.
@@ -733,6 +750,34 @@ def _open_batches(
     except ValueError as e:  # e.g. data.seq_len longer than a tiny corpus allows
         raise ConfigError(f"data '{data.name}': {e}") from e
     return batches, eval_data
+
+
+def _open_eval_sets(
+    cfg: Config, data: data_lib.Datasets, layout: _BatchLayout, log
+) -> list[tuple[str, list[np.ndarray]]]:
+    """[(name, eval batches)] of eval.sets: each set's validation split, in the shapes of the
+    main eval batches. A set tokenized otherwise than the training data, or too small, is a
+    ConfigError."""
+    out = []
+    for name, source in eval_sets_of(cfg.eval.sets):
+        kind, path = (source, "") if source in ("stdlib", "synthetic") else ("prepared", source)
+        try:
+            ds = _open_source(cfg, kind, path, log)
+            if ds.identity != data.identity:
+                raise ValueError(
+                    f"it is tokenized as {ds.name} ({ds.identity.split(':')[0]}), the training "
+                    f"data as {data.name} ({data.identity.split(':')[0]}): its ids would be other "
+                    "tokens; prepare it with the training data's tokenizer"
+                )
+            batches = ds.eval_batches(
+                seq_len=layout.seq_len,
+                batch_size=layout.micro_batch,
+                num_batches=cfg.train.eval_batches,
+            )
+        except ValueError as e:
+            raise ConfigError(f"eval.sets: {name}={source}: {e}") from e
+        out.append((name, batches))
+    return out
 
 
 def _log_setup(cfg, state, data, mesh: Mesh, where: str, eod_id: int | None, log) -> None:

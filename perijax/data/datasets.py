@@ -24,10 +24,11 @@ import numpy as np
 
 from perijax import storage
 from perijax.config import DATA_REMOTE, DataConfig, TrainConfig
-from perijax.data.corpus import TokenData, cache_root, load_token_data
+from perijax.data.corpus import EOD_TOKEN, TokenData, cache_root, load_token_data
 from perijax.data.packing import PackedWindows, TokenStream, doc_offsets_from_eod
 from perijax.data.remote import DataError, open_remote, read_object
 from perijax.data.shards import PreparedDataset, local_copy, open_prepared
+from perijax.data.tokenizer import BytesTokenizer, load_tokenizer
 
 OPEN_SOURCES = ("stdlib", "synthetic", "prepared")
 STATE_VERSION = 1
@@ -54,6 +55,8 @@ class Datasets:
       tokenizer: "bytes", "cl100k_base", "json" (a tokenizer.json), "bpe" (stdlib) or None.
       tokenizer_path: the tokenizer.json file, when the tokenizer is one.
       eod_id: the end-of-document id, or None when documents are not separated.
+      identity: equal for two Datasets exactly when their ids mean the same tokens (the
+        tokenizer's identity, as `perijax prepare` records it).
       members: [(name, weight)] of the mixture, one entry for a single dataset.
     """
 
@@ -66,8 +69,10 @@ class Datasets:
         tokenizer_path: str | None,
         eod_id: int | None,
         members: list[_Member],
+        identity: str,
     ):
         self.name = name
+        self.identity = identity
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.tokenizer_path = tokenizer_path
@@ -94,11 +99,14 @@ class Datasets:
         # Content key: name + sizes + a sample of tokens (hashing all of stdlib would cost ~1 s).
         probe = np.asarray(data.train[:: max(1, len(data.train) // 4096)], np.int64).tobytes()
         key = f"{data.name}:{len(data.train)}:{hashlib.sha256(probe).hexdigest()[:16]}"
-        kind = None
+        kind, identity = None, f"synthetic:{data.vocab_size}"
         if data.tokenizer_path:
             kind = "bpe"
+            identity = load_tokenizer(data.tokenizer_path, EOD_TOKEN).identity
         elif data.name.startswith("stdlib"):
-            kind = "bytes"
+            kind, identity = "bytes", BytesTokenizer.identity
+            if data.eod_id != BytesTokenizer.eod_id:
+                identity = "bytes:no-eod"
         return cls(
             name=data.name,
             vocab_size=data.vocab_size,
@@ -106,6 +114,7 @@ class Datasets:
             tokenizer_path=data.tokenizer_path,
             eod_id=data.eod_id,
             members=[_Member(data.name, 1.0, train, val, key)],
+            identity=identity,
         )
 
     def streams(self, split: str) -> list[tuple[str, TokenStream]]:
@@ -468,6 +477,7 @@ def open_datasets(
         tokenizer_path=tokenizer_files[0],
         eod_id=tok["eod_id"],
         members=members,
+        identity=tok["identity"],
     )
 
 

@@ -70,6 +70,14 @@ class Stat:
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} (n={self.n})"
 
 
+EVAL_SET_LOSS = re.compile(r"^eval/(.+)/loss$")
+
+
+def eval_set_names(runs: Sequence[RunResult]) -> list[str]:
+    """The eval.sets names logged by any run (`eval/NAME/loss`), sorted."""
+    return sorted({m.group(1) for r in runs for k in r.finals if (m := EVAL_SET_LOSS.match(k))})
+
+
 def summarize(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     """One row per group (placement x lr x other varying keys), seeds aggregated.
 
@@ -98,6 +106,10 @@ def summarize(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                 "unfinished": sum(r.state not in ("done", "diverged", "failed") for r in members),
                 "train_loss": Stat.of([r.final("train/loss") for r in done]),
                 "eval_loss": Stat.of([r.final("eval/loss") for r in done]),
+                "eval_sets": {
+                    name: Stat.of([r.final(f"eval/{name}/loss") for r in done])
+                    for name in eval_set_names(runs)
+                },
                 "grad_norm_spikes": Stat.of([r.final("spikes/grad_norm") for r in members]),
                 "loss_spikes": Stat.of([r.final("spikes/loss") for r in members]),
                 "max_abs": max((v for v in max_abs if v is not None), default=None),
@@ -275,11 +287,13 @@ def _fmt_value(value: Any) -> str:
 
 def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
     keys = list(groups[0]["keys"]) if groups else list(GROUP_KEYS)
+    sets = list(groups[0]["eval_sets"]) if groups else []
     header = [_key_label(k) for k in keys] + [
         "runs",
         "diverged",
         "final train loss",
         "final eval loss",
+        *[f"final eval loss ({name})" for name in sets],
         "grad-norm spikes",
         "loss spikes",
         "max abs(h)",
@@ -296,6 +310,7 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
             f"{g['diverged']}/{total}",
             g["train_loss"].text(),
             g["eval_loss"].text(),
+            *[g["eval_sets"][name].text() for name in sets],
             g["grad_norm_spikes"].text(1),
             g["loss_spikes"].text(1),
             "–" if g["max_abs"] is None else f"{g['max_abs']:.3g}",
@@ -310,8 +325,10 @@ def markdown_table(groups: Sequence[dict[str, Any]]) -> str:
 def write_csv(groups: Sequence[dict[str, Any]], path: Path) -> None:
     keys = list(groups[0]["keys"]) if groups else list(GROUP_KEYS)
     stats = ("train_loss", "eval_loss", "grad_norm_spikes", "loss_spikes")
+    sets = list(groups[0]["eval_sets"]) if groups else []
     header = [_key_label(k) for k in keys] + ["runs", "diverged", "failed", "unfinished"]
     header += [f"{s}_{part}" for s in stats for part in ("mean", "std", "n")]
+    header += [f"eval_loss_{name}_{part}" for name in sets for part in ("mean", "std", "n")]
     header += ["max_abs", "grad_spread_median", "final_resid_var_median", "resid_var_growth_median"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -321,6 +338,9 @@ def write_csv(groups: Sequence[dict[str, Any]], path: Path) -> None:
             row.append(g["unfinished"])
             for s in stats:
                 row += [_csv(g[s].mean), _csv(g[s].std), g[s].n]
+            for name in sets:
+                stat = g["eval_sets"][name]
+                row += [_csv(stat.mean), _csv(stat.std), stat.n]
             row += [_csv(g["max_abs"]), _csv(g["grad_spread"]), _csv(g["final_var"])]
             row.append(_csv(g["var_growth"]))
             writer.writerow(row)
@@ -335,6 +355,7 @@ def write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
     header = ["run", "placement", "lr", "seed", "state", "diverged_at_step", "blew_up_at_step"]
     header.append("last_step")
     keys = ["train/loss", "eval/loss", "spikes/grad_norm", "spikes/loss", "guard/skipped_steps"]
+    keys += [f"eval/{name}/loss" for name in eval_set_names(runs)]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header + keys + ["seconds"])
