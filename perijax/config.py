@@ -175,8 +175,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with warmup and a decay schedule, global-norm clipping (perijax/optim.py)."""
+    """AdamW (or Muon for the hidden matrices) with warmup and a decay schedule, global-norm
+    clipping (perijax/optim.py)."""
 
+    # adamw; muon: Muon for the hidden matrices, AdamW for embeddings, head and norms
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-4
     # After a linear warmup. wsd: warmup, stable at `lr`, then a decay of `decay_shape` that
     # ends at train.total_steps (docs/configs.md, "Learning-rate schedules").
@@ -193,6 +196,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # not applied to norm scales and biases
     grad_clip_norm: float = 1.0  # 0 disables clipping
+    muon_beta: float = 0.95  # muon: momentum of the orthogonalized (Nesterov) update
+    muon_ns_steps: int = 5  # muon: Newton-Schulz iterations
 
     def check(self) -> None:
         _check_choices(self, "optim")
@@ -207,6 +212,10 @@ class OptimConfig:
             f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
         )
         _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+        _require(
+            0 <= self.muon_beta < 1, f"optim.muon_beta must be in [0, 1), got {self.muon_beta}"
+        )
+        _positive(self, "optim", "muon_ns_steps")
         _non_negative(self, "optim", "weight_decay", "grad_clip_norm")
         _require(math.isfinite(self.lr), f"optim.lr must be finite, got {self.lr}")
 
@@ -403,6 +412,7 @@ ATTENTION = choices(ModelConfig, "attention")
 DATA_SOURCES = choices(DataConfig, "source")
 DATA_REMOTE = choices(DataConfig, "remote")
 SCHEDULES = choices(OptimConfig, "schedule")
+OPTIMIZERS = choices(OptimConfig, "name")
 DECAY_SHAPES = choices(OptimConfig, "decay_shape")
 ON_BAD_STEPS = choices(TrainConfig, "on_repeated_bad_steps")
 # Where a run's metrics are sent, not what it computes: runs that differ only here are one

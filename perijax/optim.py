@@ -1,16 +1,21 @@
 """Optax optimizer: learning-rate schedules, global-norm clipping, AdamW with a weight-decay mask
-chosen by parameter path (norm scales and biases are never decayed)."""
+chosen by parameter path (norm scales and biases are never decayed), and Muon for the hidden
+matrices (`optim.name=muon`), chosen by the logical axes the parameters carry."""
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
-from perijax.config import OptimConfig, wsd_decay_steps
+from perijax.config import ModelConfig, OptimConfig, wsd_decay_steps
+
+MUON_RMS = 0.2  # Muon updates scaled to AdamW's typical RMS (Moonlight): one lr for both groups
 
 
 def _wsd(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -82,21 +87,136 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _key(path: tuple[Any, ...]) -> str:
+    """ "blocks/attn/wq" for a parameter's path in the param tree (or in the Variable tree)."""
+    return "/".join(n for n in _path_names(path) if n != "value")
+
+
 @functools.cache
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW(schedule, masked decay).
+def muon_dimensions(model: ModelConfig) -> dict[str, MuonDimensionNumbers]:
+    """{parameter path: its matrix axes} of the parameters Muon updates: those whose logical axes
+    hold `embed`, no `vocab`, and at least one more axis besides a stacked `layers` axis: the
+    attention projections (embed x heads x kv) and the MLP matrices (embed x mlp). The side
+    holding `embed` first is the input (reduction) side; `layers` is a batch axis, so each layer
+    is orthogonalized on its own. Embeddings and the head (`vocab`), norm scales and anything
+    1-D stay with AdamW."""
+    from flax import nnx
+
+    from perijax.model import Transformer
+    from perijax.sharding import variable_axes
+
+    abstract = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.Param)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    out = {}
+    for path, var in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_var)[0]:
+        axes = variable_axes(var, len(var.get_value().shape))
+        inner = [i for i, a in enumerate(axes) if a != "layers"]
+        if len(inner) < 2 or "embed" not in axes or "vocab" in axes:
+            continue
+        embed = axes.index("embed")
+        if embed == inner[0]:
+            dims = MuonDimensionNumbers((embed,), tuple(inner[1:]))
+        else:
+            dims = MuonDimensionNumbers(tuple(i for i in inner if i != embed), (embed,))
+        out[_key(path)] = dims
+    return out
+
+
+def _dimension_numbers(dims: dict[str, MuonDimensionNumbers]):
+    """The per-leaf MuonDimensionNumbers of a (partition-masked) update tree."""
+    masked = optax.MaskedNode
+
+    def numbers(tree: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: x if isinstance(x, masked) else dims[_key(p)],
+            tree,
+            is_leaf=lambda x: isinstance(x, masked),
+        )
+
+    return numbers
+
+
+def _scale_by_shape(numbers) -> optax.GradientTransformation:
+    """Orthogonalized updates (RMS 1/sqrt(max(fan_in, fan_out))) scaled by
+    MUON_RMS * sqrt(max(fan_in, fan_out)), so their RMS is AdamW's (Moonlight, arXiv 2502.16982)."""
+
+    def scale(u: Any, d: MuonDimensionNumbers) -> Any:
+        if isinstance(u, optax.MaskedNode):
+            return u
+        axes = lambda a: (a,) if isinstance(a, int) else tuple(a)  # noqa: E731
+        fan_in = math.prod(u.shape[i] for i in axes(d.reduction_axis))
+        fan_out = math.prod(u.shape[i] for i in axes(d.output_axis))
+        return u * (MUON_RMS * math.sqrt(max(fan_in, fan_out)))
+
+    def update(updates, state, params=None):
+        del params
+        leaf = lambda x: isinstance(x, (optax.MaskedNode, MuonDimensionNumbers))  # noqa: E731
+        return jax.tree.map(scale, updates, numbers(updates), is_leaf=leaf), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def _adamw(cfg: OptimConfig, lr: optax.Schedule) -> optax.GradientTransformation:
+    return optax.adamw(
+        lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+    )
+
+
+def _muon(cfg: OptimConfig, lr: optax.Schedule, model: ModelConfig):
+    """Muon (Nesterov momentum, Newton-Schulz orthogonalization, AdamW-matched RMS, decoupled
+    weight decay) for `muon_dimensions`, AdamW for the rest; one schedule for both."""
+    dims = muon_dimensions(model)
+    numbers = _dimension_numbers(dims)
+    muon = optax.chain(
+        scale_by_muon(
+            ns_steps=cfg.muon_ns_steps,
+            beta=cfg.muon_beta,
+            nesterov=True,
+            weight_dimension_numbers=numbers,
+        ),
+        _scale_by_shape(numbers),
+        optax.add_decayed_weights(cfg.weight_decay),
+        optax.scale_by_learning_rate(lr),
+    )
+
+    def labels(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: "muon" if _key(p) in dims else "adamw", params
+        )
+
+    return optax.partition({"muon": muon, "adamw": _adamw(cfg, lr)}, labels)
+
+
+def describe(cfg: OptimConfig, model: ModelConfig) -> str:
+    """The start-up line naming the optimizer of each parameter group."""
+    if cfg.name != "muon":
+        return "optimizer: adamw for every parameter (no weight decay on norms and biases)"
+    names = sorted({k.split("/")[-1] for k in muon_dimensions(model)})
+    return (
+        f"optimizer: muon for {len(muon_dimensions(model))} hidden matrices "
+        f"({', '.join(names)}: logical axes with embed and no vocab); adamw for embeddings, "
+        "head, norms and anything 1-D"
+    )
+
+
+@functools.cache
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, model: ModelConfig | None = None
+) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW(schedule, masked decay), or Muon + AdamW by parameter group
+    (`optim.name=muon`, which needs the `model` config for its parameters' logical axes).
 
     Cached: the same config always gives the same object, so TrainStates built separately
     (e.g. an abstract one for shardings and the real one) have identical static parts.
     """
-    adamw = optax.adamw(
-        lr_schedule(cfg, total_steps),
-        b1=cfg.b1,
-        b2=cfg.b2,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        mask=decay_mask,
-    )
+    lr = lr_schedule(cfg, total_steps)
+    if cfg.name == "muon":
+        if model is None:
+            raise ValueError("optim.name=muon needs the model config (its parameters' axes)")
+        tx = _muon(cfg, lr, model)
+    else:
+        tx = _adamw(cfg, lr)
     if cfg.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    return tx

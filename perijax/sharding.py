@@ -194,6 +194,8 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
     def sharding(x: Any) -> NamedSharding:
         if _is_variable(x):
             value = x.get_value()
+            if not hasattr(value, "ndim"):  # e.g. optax.MaskedNode: no array to place
+                return NamedSharding(mesh, PartitionSpec())
             spec = logical_to_spec(variable_axes(x, value.ndim), mesh, value.shape)
             return NamedSharding(mesh, spec)
         return NamedSharding(mesh, PartitionSpec())

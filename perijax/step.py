@@ -82,7 +82,7 @@ def create_state(cfg: Config) -> TrainState:
     """Initializes the model from `train.seed` and the optimizer state."""
     model = Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
     graphdef, params = nnx.split(model)
-    tx = make_optimizer(cfg.optim, cfg.train.total_steps)
+    tx = make_optimizer(cfg.optim, cfg.train.total_steps, cfg.model)
     t = cfg.train
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: all are donated)
     return TrainState(

@@ -40,6 +40,7 @@ from perijax import attention as attention_lib
 from perijax import data as data_lib
 from perijax import distributed, renamed, storage
 from perijax import lease as lease_lib
+from perijax import optim as optim_lib
 from perijax import sharding as sharding_lib
 from perijax.checkpoint import Checkpointer, CheckpointError, resolve_restore_path
 from perijax.config import Config, ConfigError, flat_dict, to_dict
@@ -788,6 +789,7 @@ def _log_setup(cfg, state, data, mesh: Mesh, where: str, eod_id: int | None, log
         f"norm={cfg.model.norm_type}, data={data.name} ({data.train_tokens:,} train tokens)"
     )
     log(f"mesh: {sharding_lib.describe(mesh)} over {where}")
+    log(optim_lib.describe(cfg.optim, cfg.model))
     log(
         f"attention: {attention_lib.describe(cfg.model.attention)}"
         + ("" if eod_id is None else f", within documents (end-of-document id {eod_id})")

@@ -49,6 +49,8 @@ ALLOWED = {
     ("perijax/metrics.py", "MetricWriter.__init__", "enabled"):
         "whether this process writes metrics, not telemetry.enabled",
     ("perijax/train.py", "train", "data"): "the datasets to train on, not mesh.data",
+    ("perijax/launchers/tpu.py", "_common_args", "name"):
+        "whether the TPU command takes a --name argument, not optim.name",
     ("perijax/evaluate.py", "evaluate_checkpoint", "data"): "the datasets, not mesh.data",
     # None: the run's config value
     ("perijax/evaluate.py", "evaluate_checkpoint", "seq_len"): "None: the run's data.seq_len",
@@ -145,6 +147,7 @@ CHOICE_TUPLES = {
     "data.source": config_lib.DATA_SOURCES,
     "data.remote": config_lib.DATA_REMOTE,
     "optim.schedule": config_lib.SCHEDULES,
+    "optim.name": config_lib.OPTIMIZERS,
     "optim.decay_shape": config_lib.DECAY_SHAPES,
     "train.on_repeated_bad_steps": config_lib.ON_BAD_STEPS,
 }
