@@ -101,6 +101,9 @@ class ModelConfig:
     scan_layers: bool = False  # one scanned block with stacked weights: fast compiles at depth
     # minimal: save the weight matmuls; full: recompute the whole block
     remat: Literal["none", "minimal", "full"] = "none"
+    # The attention and MLP weight matmuls: compute (in the compute dtype) or float8 (e4m3
+    # forward, e5m2 gradients, per-tensor current scaling; docs/configs.md, "float8 matmuls")
+    matmul_dtype: Literal["compute", "float8"] = "compute"
     # auto: cudnn on GPU, splash on TPU, xla on CPU; blockwise: any backend
     attention: Literal["auto", "xla", "blockwise", "cudnn", "splash"] = "auto"
     loss_chunk_len: int = 0  # positions per chunk of the fused output head + loss; 0: auto
@@ -406,6 +409,7 @@ PLACEMENTS = choices(ModelConfig, "ln_placement")
 NORM_TYPES = choices(ModelConfig, "norm_type")
 QK_NORMS = choices(ModelConfig, "qk_norm")
 DTYPES = choices(ModelConfig, "dtype")
+MATMUL_DTYPES = choices(ModelConfig, "matmul_dtype")
 PARAM_DTYPES = choices(ModelConfig, "param_dtype")
 REMAT = choices(ModelConfig, "remat")
 ATTENTION = choices(ModelConfig, "attention")

@@ -83,6 +83,58 @@ def _einsum_bwd(spec, out_dtype, residuals, g):
 
 mixed_einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
+
+def _to_float8(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Per-tensor current scaling: x times the scale that maps its amax to `dtype`'s largest
+    value, cast to `dtype`; returns (that, 1 / scale). An all-zero x gets scale 1."""
+    x32 = x.astype(jnp.float32)
+    top = float(jnp.finfo(dtype).max)
+    amax = jnp.max(jnp.abs(x32))
+    scale = jnp.where(amax > 0, top / amax, 1.0)
+    return jnp.clip(x32 * scale, -top, top).astype(dtype), 1.0 / scale
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def float8_einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+    """`mixed_einsum` with float8 operands: the forward multiplies float8 e4m3 copies of `a` and
+    `b`, the backward an e5m2 copy of the output gradient with those; each tensor has one scale
+    (its amax maps to the format's largest value, recomputed every step), every product
+    accumulates in float32 and is unscaled after. The float8 copies are what the backward
+    keeps. On a GPU with float8 tensor cores XLA runs these as float8 GEMMs."""
+    out, _ = _float8_fwd(spec, a, b, out_dtype)
+    return out
+
+
+def _float8_fwd(spec, a, b, out_dtype):
+    aq, a_inv = _to_float8(a, jnp.float8_e4m3fn)
+    bq, b_inv = _to_float8(b, jnp.float8_e4m3fn)
+    out = jnp.einsum(spec, aq, bq, preferred_element_type=jnp.float32) * (a_inv * b_inv)
+    dtypes = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))  # a's and b's dtypes
+    return out.astype(out_dtype or a.dtype), (aq, a_inv, bq, b_inv, dtypes)
+
+
+def _float8_bwd(spec, out_dtype, residuals, g):
+    aq, a_inv, bq, b_inv, (a_dtype, b_dtype) = residuals
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    gq, g_inv = _to_float8(g, jnp.float8_e5m2)
+    da = jnp.einsum(f"{out},{sb}->{sa}", gq, bq, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{sa},{out}->{sb}", aq, gq, preferred_element_type=jnp.float32)
+    return (da * (g_inv * b_inv)).astype(a_dtype.dtype), (db * (a_inv * g_inv)).astype(
+        b_dtype.dtype
+    )
+
+
+float8_einsum.defvjp(_float8_fwd, _float8_bwd)
+
+
+def weight_einsum(cfg: ModelConfig, spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """A hidden weight matmul (attention and MLP projections) in `cfg.matmul_dtype`."""
+    if cfg.matmul_dtype == "float8":
+        return float8_einsum(spec, x, w)
+    return mixed_einsum(spec, x, w)
+
+
 # Renamed: `einsum` was not `jnp.einsum` but its mixed-precision version.
 __getattr__ = renamed(__name__, {"einsum": "mixed_einsum"})
 
@@ -198,16 +250,16 @@ class Attention(nnx.Module):
             self.cfg.attention, q, k, v, segment_ids=ctx.segment_ids, mask=ctx.mask
         )
         out = constrain(out, ("batch", "seq", "heads", "kv"))
-        return mixed_einsum("bthk,hkd->btd", out, self.wo[...])
+        return weight_einsum(self.cfg, "bthk,hkd->btd", out, self.wo[...])
 
     def _project(self, x: jax.Array, rotary: Rotary):
         """Queries [B, T, H, Dh], keys and values [B, T, K, Dh] of x, QK-normed and rotated."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        q = mixed_einsum("btd,dhk->bthk", x, self.wq[...])
-        kk = mixed_einsum("btd,dhk->bthk", x, self.wk[...])
-        v = mixed_einsum("btd,dhk->bthk", x, self.wv[...])
+        q = weight_einsum(cfg, "btd,dhk->bthk", x, self.wq[...])
+        kk = weight_einsum(cfg, "btd,dhk->bthk", x, self.wk[...])
+        v = weight_einsum(cfg, "btd,dhk->bthk", x, self.wv[...])
         if cfg.qk_norm == "per_head":
             q, kk = self.q_norm(q), self.k_norm(kk)
         elif cfg.qk_norm == "full":
@@ -240,12 +292,13 @@ class Mlp(nnx.Module):
         self.w_gate = _param(rngs, cfg.init_std, (d, f), ("embed", "mlp"), pd)
         self.w_up = _param(rngs, cfg.init_std, (d, f), ("embed", "mlp"), pd)
         self.w_down = _param(rngs, out_std or cfg.init_std, (f, d), ("mlp", "embed"), pd)
+        self.cfg = cfg
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = mixed_einsum("btd,df->btf", x, self.w_gate[...])
-        up = mixed_einsum("btd,df->btf", x, self.w_up[...])
+        gate = weight_einsum(self.cfg, "btd,df->btf", x, self.w_gate[...])
+        up = weight_einsum(self.cfg, "btd,df->btf", x, self.w_up[...])
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
-        return mixed_einsum("btf,fd->btd", hidden, self.w_down[...])
+        return weight_einsum(self.cfg, "btf,fd->btd", hidden, self.w_down[...])
 
 
 class Block(nnx.Module):

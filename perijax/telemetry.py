@@ -18,6 +18,7 @@ from perijax import checkpoint as checkpoint_lib
 from perijax.norms import NORM_ROLES, norm_name
 
 FP16_MAX = 65504.0
+E4M3_MAX = 448.0  # float8 e4m3fn's largest finite value
 
 
 def global_norm(tree) -> jax.Array:
@@ -28,8 +29,9 @@ def global_norm(tree) -> jax.Array:
 
 def stream_stats(stream: jax.Array, added: jax.Array) -> dict[str, jax.Array]:
     """Scalar float32 telemetry of the residual stream after a sublayer and of what the
-    sublayer added: per-token variance over d_model (averaged), RMS, max |h|, the fraction of
-    entries beyond the float16 maximum, and the RMS of the added tensor."""
+    sublayer added: per-token variance over d_model (averaged), RMS, max |h| (the amax), the
+    fractions of entries beyond the float16 and the float8 e4m3 maximum (what would saturate
+    without scaling), and the RMS of the added tensor."""
     h = stream.astype(jnp.float32)
     a = added.astype(jnp.float32)
     centered = h - jnp.mean(h, axis=-1, keepdims=True)
@@ -38,6 +40,7 @@ def stream_stats(stream: jax.Array, added: jax.Array) -> dict[str, jax.Array]:
         "resid_rms": jnp.sqrt(jnp.mean(jnp.square(h))),
         "max_abs": jnp.max(jnp.abs(h)),
         "frac_over_fp16": jnp.mean((jnp.abs(h) > FP16_MAX).astype(jnp.float32)),
+        "frac_over_e4m3": jnp.mean((jnp.abs(h) > E4M3_MAX).astype(jnp.float32)),
         "sublayer_rms": jnp.sqrt(jnp.mean(jnp.square(a))),
     }
 

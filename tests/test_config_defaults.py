@@ -141,6 +141,7 @@ CHOICE_TUPLES = {
     "model.norm_type": config_lib.NORM_TYPES,
     "model.qk_norm": config_lib.QK_NORMS,
     "model.dtype": config_lib.DTYPES,
+    "model.matmul_dtype": config_lib.MATMUL_DTYPES,
     "model.param_dtype": config_lib.PARAM_DTYPES,
     "model.remat": config_lib.REMAT,
     "model.attention": config_lib.ATTENTION,

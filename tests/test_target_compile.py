@@ -131,6 +131,19 @@ def test_h100_program_holds_cudnn_attention(compile_for, placement, masking, gqa
     assert r["fits"]
 
 
+def test_float8_matmuls_reach_the_h100_as_float8_gemms(compile_for):
+    """model.matmul_dtype=float8: every attention and MLP matmul of the H100 program takes
+    float8 operands: e4m3 x e4m3 forward, e5m2 gradients times e4m3 backward (XLA GPU runs them as
+    float8 GEMM fusions); the same config in bfloat16 holds none."""
+    dots = compile_for(TINY, "h100x1", **{"model.matmul_dtype": "float8"})["float8_dots"]
+    assert dots.get("f8e4m3fn x f8e4m3fn", 0) >= 4 * 4  # 4 layers: qkv, wo, gate/up, down
+    assert dots.get("f8e5m2 x f8e4m3fn", 0) + dots.get("f8e4m3fn x f8e5m2", 0) >= 2 * 4 * 4
+    assert set(dots) <= {"f8e4m3fn x f8e4m3fn", "f8e5m2 x f8e4m3fn", "f8e4m3fn x f8e5m2"}
+    assert compile_for(TINY, "h100x1")["float8_dots"] == {}
+    tpu = compile_for(TINY, TPU, **{"model.matmul_dtype": "float8"})["float8_dots"]
+    assert tpu.get("f8e4m3fn x f8e4m3fn", 0) >= 4 * 4  # libtpu takes the float8 operands too
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("placement,masking,gqa", COVER)
 def test_400m_at_8192_on_h100(compile_for, placement, masking, gqa):

@@ -90,6 +90,9 @@ def test_telemetry_equals_numpy_forward(placement, scan):
                 got[f"stability/sublayer_rms/{key}"], np.sqrt((added**2).mean()), rtol=1e-4
             )
             assert got[f"stability/frac_over_fp16/{key}"] == 0.0
+            np.testing.assert_allclose(
+                got[f"stability/frac_over_e4m3/{key}"], (np.abs(x) > 448).mean(), atol=1e-7
+            )
 
     # Per-layer gradient norms and update ratios from the gradient and the update themselves.
     _, grads, _ = jax.jit(step_lib.loss_and_grads)(state, batch.swapaxes(0, 1))

@@ -215,6 +215,7 @@ def _compile(cfg, mesh, backend: str, *, hbm_bytes: int, peak_tflops: float, gra
         },
         "custom_calls": calls,
         "fused_attention": program.fused_attention_calls(calls),
+        "float8_dots": program.float8_dots(hlo),
         "interpreted_pallas": program.interpreted_pallas(traced.jaxpr),
         # Arrays with two dimensions of the sequence length: materialized [T, T] scores.
         "seq_square_buffers": program.square_buffers(hlo, cfg.data.seq_len),
@@ -254,6 +255,8 @@ def format_report(r: dict) -> str:
         f"  attention: {_attention_line(r['attention'], r['estimate'])}",
         f"  fused attention calls: {_calls(r['fused_attention'])}",
     ]
+    if r["config"]["model"]["matmul_dtype"] == "float8":
+        lines.append(f"  float8 dots (operand types): {_calls(r['float8_dots'])}")
     if r["interpreted_pallas"] and not r["estimate"]:
         lines.append(f"  INTERPRETED Pallas kernels: {r['interpreted_pallas']}")
     lines += [

@@ -77,6 +77,28 @@ def _kernel_name(line: str) -> str:
     return "?"
 
 
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*([a-z]\w*)\[")
+_DOT = re.compile(r"\s(?:dot|convolution)\((%[\w.\-]+),\s*(%[\w.\-]+)\)")
+
+
+def float8_dots(hlo: str) -> dict[str, int]:
+    """How many matmul instructions (dot, or convolution, as XLA TPU writes matmuls) take
+    float8 operands, by operand types ("f8e4m3fn x f8e4m3fn": the forward of a float8 matmul;
+    "f8e5m2 x f8e4m3fn" and its mirror: the two gradients). Counts them wherever they are,
+    inside GEMM fusions too (XLA GPU runs those as Triton or cuBLASLt float8 GEMMs)."""
+    types: dict[str, str] = {}
+    for line in hlo.splitlines():
+        if m := _DEF.match(line):
+            types[m.group(1)] = m.group(2)
+    counts: collections.Counter[str] = collections.Counter()
+    for line in hlo.splitlines():
+        if m := _DOT.search(line):
+            a, b = types.get(m.group(1), "?"), types.get(m.group(2), "?")
+            if a.startswith("f8") or b.startswith("f8"):
+                counts[f"{a} x {b}"] += 1
+    return dict(sorted(counts.items()))
+
+
 def fused_attention_calls(calls: dict[str, int]) -> dict[str, int]:
     """The custom calls among `calls` that are fused attention kernels (cuDNN, splash)."""
     return {
