@@ -322,6 +322,41 @@ def test_diverging_run_is_recorded_with_its_step(tmp_path, monkeypatch):
     assert loads == []
 
 
+def test_a_sweep_branches_decays_from_its_own_stable_run(tmp_path):
+    """Grids run in order: a wsd run, then decays branched from its checkpoint at step 2
+    through "{root}" (the sweep root) in checkpoint.branch_from. Each branch starts where the
+    stable run was at step 2, so its first loss equals the stable run's, and records where it
+    branched."""
+    base = sweep_grid.load_sweep(SMOKE)
+    stable = "total_steps=8,decay_steps=2,branch_from="
+    grids = [
+        {"train.total_steps": [8], "optim.decay_steps": [2], "checkpoint.branch_from": [""]},
+        {"train.total_steps": [4, 6], "optim.decay_steps": [2],
+         "checkpoint.branch_from": [f"{{root}}/{stable}@2"]},
+    ]  # fmt: skip
+    fixed = {k: v for k, v in base.overrides.items() if k not in grids[0]}
+    fixed.update({"optim.schedule": "wsd", "optim.warmup_steps": 1,
+                  "checkpoint.every_steps": 2, "checkpoint.keep": 0})  # fmt: skip
+    file = tmp_path / "branches.py"
+    file.write_text(
+        f"def get_sweep():\n    return {{'base': {base.base!r}, 'overrides': {fixed!r}, "
+        f"'grid': {grids!r}}}\n"
+    )
+    s, root = sweep_grid.load_sweep(str(file)), tmp_path / "root"
+    names = [r.name for r in s.runs()]
+    assert names[0] == stable
+    assert names[1] == f"total_steps=4,decay_steps=2,branch_from={stable}_2"
+    assert sweep.run_sweep(s, root, out=lambda line: None) == 0
+    source = {r["step"]: r["train/loss"] for r in rows_of(root / stable) if "train/loss" in r}
+    for name in names[1:]:
+        record = json.loads((root / name / "branch.json").read_text())
+        assert record["checkpoint"] == f"{root.absolute()}/{stable}/checkpoints/2"
+        losses = {r["step"]: r["train/loss"] for r in rows_of(root / name) if "train/loss" in r}
+        assert min(losses) == 3 and losses[3] == source[3]
+    emitted = sweep.run_commands(s, root, include_finished=True)
+    assert f"--config.checkpoint.branch_from={root.absolute()}/{stable}@2" in emitted[1]
+
+
 @pytest.fixture(scope="module")
 def smoke_root(tmp_path_factory):
     """The smoke sweep run in three invocations: the pre-LN runs alone (--only), then the whole

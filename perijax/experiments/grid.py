@@ -77,6 +77,18 @@ class Sweep:
         return Run(index, run_name(values), values, tuple(fixed + grid_overrides))
 
 
+ROOT = "{root}"  # in a sweep value: the sweep's root folder (e.g. checkpoint.branch_from)
+
+
+def with_root(overrides: Sequence[tuple[str, str]], root: Any) -> tuple[tuple[str, str], ...]:
+    """`overrides` with every "{root}" replaced by the absolute sweep root (a run folder of
+    the same sweep, for checkpoint.branch_from); unchanged without a root."""
+    if root is None:
+        return tuple(overrides)
+    where = str(Path(root).absolute())
+    return tuple((key, text.replace(ROOT, where)) for key, text in overrides)
+
+
 def value_text(value: Any) -> str:
     """A grid/override value as command-line text that parses back to the same value (so an
     in-process run and its emitted `perijax train` command build the same config)."""
@@ -96,7 +108,7 @@ def run_name(values: dict[str, Any]) -> str:
     parts = []
     for key, label in zip(values, short, strict=True):
         label = label if short.count(label) == 1 else key
-        parts.append(f"{label}={value_text(values[key])}")
+        parts.append(f"{label}={value_text(values[key]).replace(ROOT + '/', '')}")
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
 
 
@@ -251,14 +263,15 @@ def select(runs: Sequence[Run], only: Sequence[str], allow_none: bool = False) -
     return chosen
 
 
-def build_configs(sweep: Sweep, runs: Sequence[Run]) -> dict[str, Any]:
-    """Every run's resolved `Config`, so a bad grid value stops the sweep before any run starts.
-    The config file is loaded once per run (config files may return shared mutable state)."""
+def build_configs(sweep: Sweep, runs: Sequence[Run], root: Any = None) -> dict[str, Any]:
+    """Every run's resolved `Config`, so a bad grid value stops the sweep before any run starts
+    ("{root}" in a value is the sweep's `root`). The config file is loaded once per run (config
+    files may return shared mutable state)."""
 
     configs = {}
     for run in runs:
         try:
-            configs[run.name] = config_lib.load(sweep.base, list(run.overrides))
+            configs[run.name] = config_lib.load(sweep.base, list(with_root(run.overrides, root)))
         except ConfigError as e:
             raise ConfigError(f"run {run.name}: {e}") from e
     return configs

@@ -44,6 +44,7 @@ from perijax.experiments.grid import (
     load_sweep,
     select,
     value_text,
+    with_root,
 )
 from perijax.launchers.common import LaunchError
 
@@ -253,7 +254,7 @@ def run_commands(
         if not include_finished and run_state(root / run.name) in FINISHED:
             continue
         argv = [*perijax, "train", "--config", sweep.base, "--workdir", str(root / run.name)]
-        argv += [f"--config.{key}={text}" for key, text in run.overrides]
+        argv += [f"--config.{key}={text}" for key, text in with_root(run.overrides, root)]
         lines.append(shlex.join(argv))
     return lines
 
@@ -407,7 +408,7 @@ class _Stopped:
 
 def _prepare(sweep: Sweep, root: Path, runs: Sequence[Run]) -> dict[str, Any]:
     """Every run's config, checked against this machine and any earlier run folder."""
-    configs = build_configs(sweep, runs)
+    configs = build_configs(sweep, runs, root)
     _check_devices(configs)
     check_existing(root, runs, configs)
     return configs
@@ -576,7 +577,7 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
                         file=sys.stderr,
                     )
                 runs += select(more or [], args.only, allow_none=True)
-            configs = build_configs(sweep, runs)  # the emitted commands must be valid
+            configs = build_configs(sweep, runs, root)  # the emitted commands must be valid
             check_existing(root, runs, configs)
     except ConfigError as e:
         return fail(str(e))
