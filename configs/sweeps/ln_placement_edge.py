@@ -18,25 +18,16 @@ data and budget are those of `ln_placement_small.py` (12 layers, d_model 128, 2.
   (docs/experiments.md).
 """
 
-import importlib.util
 from pathlib import Path
+
+from perijax.experiments.grid import read_sweep_file
 
 _LRS_FLOAT32 = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 _LRS_FLOAT16 = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 
 
-def _small_sweep() -> dict:
-    """ln_placement_small.py's sweep, whose base and overrides (model, data, budget) this one
-    shares."""
-    path = Path(__file__).with_name("ln_placement_small.py")
-    spec = importlib.util.spec_from_file_location("ln_placement_small", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_sweep()
-
-
 def get_sweep():
-    small = _small_sweep()
+    small = read_sweep_file(Path(__file__).with_name("ln_placement_small.py"))
     return {
         "name": "ln_placement_edge",
         "base": small["base"],

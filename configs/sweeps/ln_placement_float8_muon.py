@@ -15,24 +15,16 @@ tokens), computed in bfloat16 (`model.dtype`), so "compute" matmuls are bfloat16
 - refine: seeds 1 and 2 at each placement's and variant's best rate (eval loss).
 """
 
-import importlib.util
 from pathlib import Path
+
+from perijax.experiments.grid import read_sweep_file
 
 _LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
 _PLACEMENTS = ["pre", "post", "peri"]
 
 
-def _small_sweep() -> dict:
-    """ln_placement_small.py's sweep, whose base and overrides this one shares."""
-    path = Path(__file__).with_name("ln_placement_small.py")
-    spec = importlib.util.spec_from_file_location("ln_placement_small", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_sweep()
-
-
 def get_sweep():
-    small = _small_sweep()
+    small = read_sweep_file(Path(__file__).with_name("ln_placement_small.py"))
     return {
         "name": "ln_placement_float8_muon",
         "base": small["base"],

@@ -10,23 +10,16 @@ seed's differences are within the seed noise at this budget. Model, data and bud
     perijax report runs/ln-wsd
 """
 
-import importlib.util
 from pathlib import Path
+
+from perijax.experiments.grid import read_sweep_file
 
 _STABLE = "ln_placement={p},seed={s},total_steps=300,decay_steps=60,branch_from="
 _SEEDS = (0, 1, 2)
 
 
-def _small_sweep() -> dict:
-    path = Path(__file__).with_name("ln_placement_small.py")
-    spec = importlib.util.spec_from_file_location("ln_placement_small", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_sweep()
-
-
 def get_sweep():
-    small = _small_sweep()
+    small = read_sweep_file(Path(__file__).with_name("ln_placement_small.py"))
     overrides = {
         **small["overrides"],
         "model.dtype": "bfloat16",

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from perijax.config import DATA_REMOTE, DataConfig, TrainConfig
 from perijax.data.corpus import EOD_TOKEN, TokenData, cache_root, load_token_data
 from perijax.data.packing import PackedWindows, TokenStream, doc_offsets_from_eod
 from perijax.data.remote import DataError, open_remote, read_object
-from perijax.data.shards import PreparedDataset, local_copy, open_prepared
+from perijax.data.shards import PreparedDataset, local_copy, open_prepared, write_atomic
 from perijax.data.tokenizer import BytesTokenizer, load_tokenizer
 
 OPEN_SOURCES = ("stdlib", "synthetic", "prepared")
@@ -494,7 +493,5 @@ def _tokenizer_file(ds: PreparedDataset, cache: Path) -> str | None:
     data = read_object(source)
     if not dest.is_file() or dest.read_bytes() != data:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.replace(dest)
+        write_atomic(dest, data)
     return str(dest)

@@ -210,7 +210,7 @@ def _parquet_pieces(i: int, f: InputFile, shard_bytes: int, text_field: str) -> 
     try:
         meta = pq.ParquetFile(f.path).metadata
     except Exception as e:
-        raise InputError(f"{f.name}: not a readable Parquet file ({_first_line(e)})") from e
+        raise InputError(f"{f.name}: not a readable Parquet file ({first_line(e)})") from e
     columns = meta.schema.to_arrow_schema().names
     if text_field not in columns:
         raise InputError(
@@ -285,7 +285,8 @@ def read_documents(
                 yield number, text
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -294,7 +295,7 @@ def _open(f: InputFile):
     try:
         return gzip.open(f.path, "rb") if f.gzip else open(f.path, "rb")
     except OSError as e:
-        raise InputError(f"cannot read {f.path}: {e.strerror or _first_line(e)}") from e
+        raise InputError(f"cannot read {f.path}: {e.strerror or first_line(e)}") from e
 
 
 def _read_all(f: InputFile) -> bytes:
@@ -302,7 +303,7 @@ def _read_all(f: InputFile) -> bytes:
         try:
             return fh.read()
         except (OSError, EOFError) as e:  # e.g. a truncated or corrupt .gz
-            raise InputError(f"cannot read {f.path}: {_first_line(e)}") from e
+            raise InputError(f"cannot read {f.path}: {first_line(e)}") from e
 
 
 def _lines(f: InputFile, piece: Piece) -> Iterator[tuple[int, bytes]]:
@@ -324,7 +325,7 @@ def _lines(f: InputFile, piece: Piece) -> Iterator[tuple[int, bytes]]:
                 yield offset, line
                 offset += len(line)
         except (OSError, EOFError) as e:
-            raise InputError(f"cannot read {f.path}: {_first_line(e)}") from e
+            raise InputError(f"cannot read {f.path}: {first_line(e)}") from e
 
 
 def _decode(data: bytes, where: str, invalid_utf8: str, stats: ReadStats) -> str | None:

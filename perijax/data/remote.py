@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from perijax import storage
+from perijax.data.inputs import first_line
 from perijax.data.shards import (
     MANIFEST,
     SPLITS,
@@ -73,11 +74,6 @@ def _filesystem(url: str) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(url)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 class RemoteFile:
     """One object read by byte ranges; `size` is what the manifest says it holds."""
 
@@ -102,7 +98,7 @@ class RemoteFile:
             if isinstance(data, OSError) and storage.is_missing(data):
                 msg = f"shard object missing: {self.url}; upload the dataset again"
                 raise DataError(msg) from data
-            raise DataError(f"cannot read {self.url}: {_first_line(data)}") from data
+            raise DataError(f"cannot read {self.url}: {first_line(data)}") from data
         READS.add(len(data))
         if len(data) != stop - start:
             raise DataError(
@@ -249,7 +245,7 @@ def open_remote(url: str, *, verify: bool = True) -> tuple[PreparedDataset, str 
                 f"prepared dataset not found or incomplete at {url}: no {MANIFEST} (upload the "
                 "whole folder `perijax prepare` wrote, manifest last)"
             ) from e
-        raise DataError(f"cannot read {where}: {_first_line(e)}") from e
+        raise DataError(f"cannot read {where}: {first_line(e)}") from e
     manifest = parse_manifest(text, where)
     try:
         listing = {
@@ -257,7 +253,7 @@ def open_remote(url: str, *, verify: bool = True) -> tuple[PreparedDataset, str 
             for info in fs.ls(root, detail=True, refresh=True)
         }
     except OSError as e:
-        raise DataError(f"cannot list {url}: {_first_line(e)}") from e
+        raise DataError(f"cannot list {url}: {first_line(e)}") from e
     dtype = np.dtype(manifest["dtype"])
     unrecorded = unkept = 0
     splits = {}
@@ -316,4 +312,4 @@ def read_object(url: str) -> bytes:
     try:
         return fs.cat_file(path)
     except OSError as e:
-        raise DataError(f"cannot read {url}: {_first_line(e)}") from e
+        raise DataError(f"cannot read {url}: {first_line(e)}") from e

@@ -141,9 +141,11 @@ def _find_sweep_file(path: str) -> Path:
     raise ConfigError(f"sweep file not found: {path}")
 
 
-def load_sweep(path: str, extra: Sequence[tuple[str, str]] = ()) -> Sweep:
-    """Loads a sweep file and checks its shape (not yet the configs: see `build_configs`)."""
-    file = _find_sweep_file(path)
+def read_sweep_file(path: str | Path) -> dict:
+    """What a sweep file's get_sweep() returns, as a dict (not yet checked: see `load_sweep`).
+    Sweep files call it to build on another, e.g. the shipped sweeps on `ln_placement_small.py`:
+    `read_sweep_file(Path(__file__).with_name("ln_placement_small.py"))`."""
+    file = _find_sweep_file(str(path))
     spec = importlib.util.spec_from_file_location(f"perijax_sweep_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -160,6 +162,13 @@ def load_sweep(path: str, extra: Sequence[tuple[str, str]] = ()) -> Sweep:
     raw = raw.to_dict() if hasattr(raw, "to_dict") else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"get_sweep() in {path} must return a dict, got {type(raw).__name__}")
+    return raw
+
+
+def load_sweep(path: str, extra: Sequence[tuple[str, str]] = ()) -> Sweep:
+    """Loads a sweep file and checks its shape (not yet the configs: see `build_configs`)."""
+    file = _find_sweep_file(path)
+    raw = read_sweep_file(path)
     unknown = sorted(set(raw) - {"base", "overrides", "grid", "name", "refine"})
     if unknown:
         raise ConfigError(

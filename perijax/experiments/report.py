@@ -85,7 +85,7 @@ def summarize(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     evaluation); diverged runs are counted, never averaged in and never dropped. Spike counts
     (the trainer's running counts, last value) average over every run that logged them.
     """
-    keys = group_keys(runs)
+    keys, set_names = group_keys(runs), eval_set_names(runs)
     groups: dict[tuple, list[RunResult]] = {}
     for run in runs:
         groups.setdefault(tuple(run.config.get(k) for k in keys), []).append(run)
@@ -108,7 +108,7 @@ def summarize(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
                 "eval_loss": Stat.of([r.final("eval/loss") for r in done]),
                 "eval_sets": {
                     name: Stat.of([r.final(f"eval/{name}/loss") for r in done])
-                    for name in eval_set_names(runs)
+                    for name in set_names
                 },
                 "grad_norm_spikes": Stat.of([r.final("spikes/grad_norm") for r in members]),
                 "loss_spikes": Stat.of([r.final("spikes/loss") for r in members]),
