@@ -22,21 +22,34 @@ def tiny(*overrides: tuple[str, str]):
     return config_lib.load(str(ROOT / "configs" / "tiny.py"), list(overrides))
 
 
-def test_tiny_config_loss_falls(tmp_path, data_cache):
-    cfg = tiny(
-        ("data.cache_dir", data_cache),
-        ("train.total_steps", "40"),
-        ("train.global_batch_size", "16"),
-        ("train.eval_every_steps", "0"),
-        ("train.eval_batches", "2"),
-        ("optim.warmup_steps", "10"),
-    )
-    result = train_lib.train(cfg, tmp_path / "run", log=lambda s: None)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+@pytest.mark.parametrize(
+    "setting", [{}, {"model.matmul_dtype": "float8"}, {"optim.name": "muon"}],
+    ids=["default", "float8", "muon"],
+)  # fmt: skip
+def test_tiny_config_loss_falls_on_the_cli(tmp_path, data_cache, setting, capsys):
+    """`perijax train --config configs/tiny.py [--config.model.matmul_dtype=float8 |
+    --config.optim.name=muon]` on the embedded corpus: 40 steps take the held-out loss down by
+    more than a nat from its value at initialization (ln 4096 = 8.3)."""
+    workdir = tmp_path / "run"
+    overrides = {
+        "data.cache_dir": data_cache, "train.total_steps": "40",
+        "train.global_batch_size": "16", "train.eval_every_steps": "0",
+        "train.eval_batches": "2", "optim.warmup_steps": "10",
+    }  # fmt: skip
+    argv = ["train", "--config", "configs/tiny.py", "--workdir", str(workdir)]
+    argv += [f"--config.{k}={v}" for k, v in {**overrides, **setting}.items()]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
     assert len(evals) == 2  # step 0 and the last step
     assert evals[-1] < evals[0] - 1.0, evals
-    assert result["train"]["train/loss"] < rows[0]["eval/loss"] - 1.0
+    train_losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert train_losses[-1] < evals[0] - 1.0
+    resolved = json.loads((workdir / "config.json").read_text())
+    for key, value in setting.items():
+        section, name = key.split(".")
+        assert resolved[section][name] == value
 
 
 def synthetic_cfg(**kw):
