@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first accelerator measurement of perijax, on one NVIDIA GPU machine (H100 or H200), in three
+# The first accelerator measurement of perijax, on one NVIDIA GPU machine (H100 or H200), in four
 # self-checking stages; docs/performance.md describes the numbers:
 #
 #   1. attention agreement: cuDNN flash attention and the blockwise kernel against the XLA path,
@@ -8,7 +8,10 @@
 #   2. `perijax bench` of the 400M model, Pre-LN and Peri-LN, at the paper's sequence length
 #      (8,192) with model.attention=auto (cuDNN), at the largest micro-batch per GPU of
 #      BATCHES_400M that runs (an out-of-memory try goes on to the next);
-#   3. a 1.5B fit check: Peri-LN, a few steps at the largest micro-batch of BATCHES_1_5B that runs.
+#   3. float8: the 400M Peri-LN step again at stage 2's micro-batch with model.matmul_dtype=float8
+#      (e4m3/e5m2 weight matmuls), against stage 2's bfloat16 Peri-LN step; a failure is
+#      reported in the summary, not fatal (FLOAT8=0 skips it);
+#   4. a 1.5B fit check: Peri-LN, a few steps at the largest micro-batch of BATCHES_1_5B that runs.
 #
 # The GPU machine has jax (CUDA), flax, optax and orbax but no network and no ml-collections.
 # Before copying the repository there, fetch the missing wheel into .whl/ (Python 3.12, x86-64):
@@ -25,7 +28,7 @@
 # Writes to $OUT (default runs/device-bench): env.txt (GPU, versions, flags), attention.json and
 # .log, bench-<size>-b<batch>.log/.json per try (the JSON is rewritten after every placement, so
 # a run cut short keeps what it measured), chosen.txt and summary.txt. Estimated time on one
-# H100/H200 (not yet measured): 6-8 minutes; each bench try is capped at PER_TRY_TIMEOUT seconds.
+# H100/H200 (not yet measured): 7-9 minutes; each bench try is capped at PER_TRY_TIMEOUT seconds.
 #
 # It fails (non-zero exit, "device_bench: error: ...") when the backend is not a GPU, a kernel
 # disagrees with the XLA path, no micro-batch of a size runs, model.attention=auto did not run
@@ -35,7 +38,7 @@
 # BATCHES_1_5B ["4 2 1"] sequences per GPU, PLACEMENTS [pre,peri], WARMUP [3], STEPS [10],
 # SEQ_LEN [8192], ATTENTION [auto], REMAT [the config's, full], EXTRA_XLA_FLAGS [], BENCH_ARGS []
 # (more `perijax bench` arguments), WHEELS [.whl], PYTHON [python3], PER_TRY_TIMEOUT [240],
-# SKIP_1_5B [0].
+# SKIP_1_5B [0], FLOAT8 [1].
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -52,6 +55,7 @@ WHEELS="${WHEELS:-.whl}"
 PYTHON="${PYTHON:-python3}"
 PER_TRY_TIMEOUT="${PER_TRY_TIMEOUT:-240}"
 SKIP_1_5B="${SKIP_1_5B:-0}"
+FLOAT8="${FLOAT8:-1}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/perijax-jax-cache}"
 SITE="${SITE:-/tmp/perijax-site}"
 read -ra bench_args <<<"${BENCH_ARGS:-}"
@@ -158,17 +162,18 @@ set -e
 # failed (out of memory) in its JSON and goes on; a try counts only if every placement ran.
 remat_args=()
 if [[ -n "$REMAT" ]]; then remat_args=(--config.model.remat="$REMAT"); fi
-try_bench() { # size placements warmup steps per_gpu -> 0 if every placement ran
-  local size=$1 placements=$2 warmup=$3 steps=$4 per_gpu=$5 rc
-  local name="bench-$size-b$per_gpu"
-  say "perijax bench configs/paper.py:size=$size ($placements), $per_gpu x $SEQ_LEN per GPU"
+try_bench() { # size placements warmup steps per_gpu [tag extra-args...] -> 0 if all ran
+  local size=$1 placements=$2 warmup=$3 steps=$4 per_gpu=$5 tag=${6:-} rc
+  local extra=("${@:7}")
+  local name="bench-$size${tag:+-$tag}-b$per_gpu"
+  say "perijax bench configs/paper.py:size=$size ($placements${tag:+, $tag}), $per_gpu x $SEQ_LEN per GPU"
   set +e
   timeout --kill-after=20 "$PER_TRY_TIMEOUT" "$PYTHON" -u -m perijax.cli.bench \
     --config "configs/paper.py:size=$size" --placements "$placements" \
     --warmup "$warmup" --steps "$steps" --json "$OUT/$name.json" \
     --config.model.dtype=bfloat16 --config.model.attention="$ATTENTION" "${remat_args[@]}" \
     --config.data.seq_len="$SEQ_LEN" --config.train.grad_accum_steps=1 \
-    --config.train.global_batch_size=$((per_gpu * NGPU)) "${bench_args[@]}" 2>&1 \
+    --config.train.global_batch_size=$((per_gpu * NGPU)) "${bench_args[@]}" "${extra[@]}" 2>&1 \
     | tee "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
   set -e
@@ -199,6 +204,16 @@ largest_that_runs() { # size placements warmup steps "batches..."
 : >"$OUT/chosen.txt"
 largest_that_runs 400m "$PLACEMENTS" "$WARMUP" "$STEPS" "$BATCHES_400M" \
   || die "no micro-batch of '$BATCHES_400M' ran the 400M model"
+# --- 3. float8 weight matmuls: the 400M Peri-LN step at stage 2's micro-batch (a failure is
+# recorded in summary.txt, not fatal: the bfloat16 numbers stand on their own).
+if [[ "$FLOAT8" == 1 ]]; then
+  b400="$(sed -n 's/^400m //p' "$OUT/chosen.txt")"
+  if try_bench 400m peri "$WARMUP" "$STEPS" "$b400" f8 --config.model.matmul_dtype=float8; then
+    echo "400m-f8 $b400" >>"$OUT/chosen.txt"
+  else
+    echo "400m-f8 $b400 failed" >>"$OUT/chosen.txt"
+  fi
+fi
 if [[ "$SKIP_1_5B" != 1 ]]; then
   largest_that_runs 1.5b peri 1 3 "$BATCHES_1_5B" \
     || die "no micro-batch of '$BATCHES_1_5B' ran the 1.5B model"
@@ -219,15 +234,19 @@ problems = []
 for line in (out / "chosen.txt").read_text().split("\n"):
     if not line:
         continue
-    size, per_gpu = line.split()
+    size, per_gpu, *failed = line.split()
     name = f"bench-{size}-b{per_gpu}"
+    if failed:
+        print(f"{name}: FAILED, not counted (reported, not fatal): see {name}.log")
+        continue
     r = json.loads((out / f"{name}.json").read_text())
     peak = r["peak"]
     tflops = "unknown" if peak["tflops"] is None else f"{peak['tflops']:.4g}"
     ran = r["config"]["model"]["attention"]
     print(f"{name}: {r['device']['count']} x {r['device']['device_kind']}, jax "
           f"{r['versions']['jax']}, {per_gpu} x {r['config']['data']['seq_len']} tokens per GPU, "
-          f"attention {ran}, remat {r['config']['model']['remat']}, peak {tflops} TFLOP/s per "
+          f"attention {ran}, remat {r['config']['model']['remat']}, matmuls "
+          f"{r['config']['model']['matmul_dtype']}, peak {tflops} TFLOP/s per "
           f"{peak['unit']} ({peak['source']})")
     if attention == "auto" and ran != "cudnn":
         problems.append(f"{name}: model.attention=auto ran {ran}, not cudnn")
@@ -249,6 +268,14 @@ for line in (out / "chosen.txt").read_text().split("\n"):
         loss = p.get("loss")
         if not (p["tokens_per_s"] > 0 and loss is not None and math.isfinite(loss)):
             problems.append(f"{name}/{pname}: tokens/s {p['tokens_per_s']}, loss {loss}")
+tries = [line.split() for line in (out / "chosen.txt").read_text().split("\n")]
+chosen = dict(parts for parts in tries if len(parts) == 2)  # "size batch"; a failed try has 3
+if "400m-f8" in chosen and (f8 := out / f"bench-400m-f8-b{chosen['400m-f8']}.json").exists():
+    bf16 = json.loads((out / f"bench-400m-b{chosen['400m']}.json").read_text())["placements"]
+    fp8 = json.loads(f8.read_text())["placements"]
+    if "step_time_s" in bf16.get("peri", {}) and "step_time_s" in fp8.get("peri", {}):
+        ratio = bf16["peri"]["step_time_s"]["median"] / fp8["peri"]["step_time_s"]["median"]
+        print(f"float8 / bfloat16 speed, 400M Peri-LN: {ratio:.3f}x (median step times)")
 for problem in problems:
     print(f"CHECK FAILED: {problem}")
 sys.exit(1 if problems else 0)
