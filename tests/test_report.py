@@ -305,6 +305,36 @@ def test_stability_table_finds_the_edge_and_the_best_rate(sweep_root, tmp_path):
     assert float(table[1]["at_best_std"]) == pytest.approx(peri["at_best"].std)
 
 
+def test_the_learning_rate_grid_has_each_setting_s_mean_loss_per_rate(sweep_root, tmp_path):
+    """One row per placement, one column per lr: the mean final eval loss of the finished runs
+    (n when several), "*" where a run was unstable, "diverged" where no run finished."""
+    for seed in range(3):  # peri at a third rate: lr 0.1 diverges on every seed
+        write_run(sweep_root, "peri", 0.1, seed, diverge_at=10)
+    write_run(sweep_root, "pre", 0.1, 0)  # pre at 0.1: one seed
+    lines = []
+    report.report(sweep_root, tmp_path / "out", figures=False, log=lines.append)
+
+    def cell(placement, lr, seeds):
+        mean = statistics.fmean(final_loss(placement, lr, s) + 0.1 for s in seeds)
+        return f"{mean:.3f}" + (f" (n={len(seeds)})" if len(seeds) > 1 else "")
+
+    header = "| placement | lr 0.001 | lr 0.01 | lr 0.1 |"
+    pre = f"| pre | {cell('pre', 0.001, [0, 1, 2])} | {cell('pre', 0.01, [0])}* | "
+    pre += f"{cell('pre', 0.1, [0])} |"
+    peri = (
+        f"| peri | {cell('peri', 0.001, [0, 1, 2])} | {cell('peri', 0.01, [0, 1, 2])} | diverged |"
+    )
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    grid = summary[summary.index("## Final eval/loss per learning rate") :]
+    assert [header, pre, peri] == [line for line in grid.splitlines() if line.startswith("| p")]
+    assert "\n".join([header, "|---|---|---|---|", pre, peri]) in "\n".join(lines)
+    # A single learning rate has no grid.
+    one = tmp_path / "one"
+    write_run(one, "pre", 0.001, 0)
+    report.report(one, tmp_path / "out1", figures=False, log=lambda _: None)
+    assert "## Final eval/loss per" not in (tmp_path / "out1" / "summary.md").read_text()
+
+
 def test_a_run_worse_than_its_initialization_is_unstable(tmp_path):
     """A run that never produced a NaN but whose train loss rose above 1.1 x its step-0 eval
     loss blew up: it is counted unstable, never chosen as best, and noted with its step."""

@@ -132,19 +132,10 @@ def stability_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     The best lr is chosen on the seeds that every stable lr has (`chosen_on`; all seeds if none
     is common): a sweep that added seeds at one rate (`refine`) would otherwise compare a
     5-seed mean with single runs, and the luckiest single run would win."""
-    keys = [k for k in group_keys(runs) if k != "optim.lr"]
-    key = "eval/loss" if any(r.final("eval/loss") is not None for r in runs) else "train/loss"
-    settings: dict[tuple, list[RunResult]] = {}
-    for run in runs:
-        if run.lr is not None:
-            settings.setdefault(tuple(run.config.get(k) for k in keys), []).append(run)
+    keys, settings = _settings_by_lr(runs)
+    key = _loss_metric(runs)
     table = []
-    for values in sorted(
-        settings, key=lambda v: [sort_value(k, x) for k, x in zip(keys, v, strict=True)]
-    ):
-        by_lr: dict[float, list[RunResult]] = {}
-        for run in settings[values]:
-            by_lr.setdefault(run.lr, []).append(run)
+    for values, by_lr in settings.items():
         lrs = sorted(by_lr)
         verdicts = {x: [is_stable(r) for r in by_lr[x] if is_stable(r) is not None] for x in lrs}
         stable = [x for x in lrs if verdicts[x] and all(verdicts[x])]
@@ -168,6 +159,52 @@ def stability_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
             }
         )
     return table
+
+
+def _loss_metric(runs: Sequence[RunResult]) -> str:
+    return "eval/loss" if any(r.final("eval/loss") is not None for r in runs) else "train/loss"
+
+
+def _settings_by_lr(
+    runs: Sequence[RunResult],
+) -> tuple[list[str], dict[tuple, dict[float, list[RunResult]]]]:
+    """(the varying keys but lr, {their values: {lr: runs}}), the settings in sort order."""
+    keys = [k for k in group_keys(runs) if k != "optim.lr"]
+    settings: dict[tuple, dict[float, list[RunResult]]] = {}
+    for run in runs:
+        if run.lr is not None:
+            values = tuple(run.config.get(k) for k in keys)
+            settings.setdefault(values, {}).setdefault(run.lr, []).append(run)
+    order = sorted(settings, key=lambda v: [sort_value(k, x) for k, x in zip(keys, v, strict=True)])
+    return keys, {values: settings[values] for values in order}
+
+
+def lr_grid_markdown(runs: Sequence[RunResult]) -> str:
+    """The final loss of every setting (row) at every learning rate (column): the mean over its
+    finished runs, with n when several seeds ran; "*" marks a rate at which a run was unstable
+    (blew up or diverged), "diverged" one with no finished run to average. "" when no setting
+    tried two rates."""
+    keys, settings = _settings_by_lr(runs)
+    lrs = sorted({lr for by_lr in settings.values() for lr in by_lr})
+    if len(lrs) < 2:
+        return ""
+    metric = _loss_metric(runs)
+    header = [_key_label(k) for k in keys] + [f"lr {lr:g}" for lr in lrs]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for values, by_lr in settings.items():
+        cells = [_fmt_value(v) for v in values]
+        for lr in lrs:
+            members = by_lr.get(lr, [])
+            stat = Stat.of([r.final(metric) for r in members if r.state == "done"])
+            mark = "*" if any(is_stable(r) is False for r in members) else ""
+            if not members:
+                cells.append("")
+            elif stat.mean is None:
+                cells.append("diverged" if mark else "–")
+            else:
+                cells.append(f"{stat.mean:.3f}{mark}" + (f" (n={stat.n})" if stat.n > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def stability_markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -424,6 +461,13 @@ def report(
         "seeds); interior: a tried lr lies on each side of it. Final loss and seed std at the "
         "best lr: mean and sample std over all its seeds.\n"
     )
+    grid = lr_grid_markdown(runs)
+    if grid:
+        body.write(f"\n## Final {_loss_metric(runs)} per learning rate\n\n{grid}\n\n")
+        body.write(
+            "Mean over the finished runs at each rate (n: seeds when more than one); *: a run "
+            "at that rate was unstable (its loss is still averaged when it finished).\n"
+        )
     if notes:
         body.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     (out / "summary.md").write_text(body.getvalue(), encoding="utf-8")
@@ -433,6 +477,9 @@ def report(
     log(table)
     log("")
     log(edge)
+    if grid:
+        log("")
+        log(grid)
     for note in notes:
         log(f"- {note}")
     written = "summary.md, summary.csv, stability.csv, runs.csv"
