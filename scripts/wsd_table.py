@@ -9,18 +9,14 @@ branch ends, mean and sample std over seeds, and each placement's gap to Peri-LN
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
+from perijax.experiments.runlog import find_runs
+
 PLACEMENTS = ("pre", "post", "peri")
 BRANCHES = ((120, 150), (180, 225))  # (branched at, ends at): ln_placement_wsd.py's
-
-
-def _evals(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
-    return {r["step"]: float(r["eval/loss"]) for r in rows if "eval/loss" in r}
 
 
 def _fmt(values: list[float]) -> str:
@@ -32,19 +28,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
     root = parser.parse_args().root
-    stable, branch = {}, {}  # (placement, end) -> [eval loss per seed]
-    for run in sorted(root.iterdir()):
-        config = run / "config.json"
-        if not config.is_file():
-            continue
-        cfg = json.loads(config.read_text())
-        p, total = cfg["model"]["ln_placement"], cfg["train"]["total_steps"]
-        evals = _evals(run)
-        if not cfg["checkpoint"]["branch_from"]:
+    by_seed = {"stable": {}, "branch": {}}  # (placement, end) -> {seed: eval loss}
+    for run in find_runs(root):
+        evals = {r["step"]: float(r["eval/loss"]) for r in run.rows if "eval/loss" in r}
+        if not run.config.get("checkpoint.branch_from"):
             for _, end in BRANCHES:
-                stable.setdefault((p, end), []).append(evals[end])
+                by_seed["stable"].setdefault((run.placement, end), {})[run.seed] = evals[end]
         else:
-            branch.setdefault((p, total), []).append(evals[total])
+            end = int(run.config["train.total_steps"])
+            by_seed["branch"].setdefault((run.placement, end), {})[run.seed] = evals[end]
+    # Lists over seeds in seed order, so a branch lines up with its own stable run.
+    stable, branch = (
+        {key: [losses[seed] for seed in sorted(losses)] for key, losses in table.items()}
+        for table in (by_seed["stable"], by_seed["branch"])
+    )
     if not stable or not branch:
         print(f"no finished ln_placement_wsd runs in {root}", file=sys.stderr)
         return 2
