@@ -231,10 +231,8 @@ import sys
 out, attention = pathlib.Path(sys.argv[1]), sys.argv[2]
 GIB = 1024**3
 problems = []
-for line in (out / "chosen.txt").read_text().split("\n"):
-    if not line:
-        continue
-    size, per_gpu, *failed = line.split()
+tries = [line.split() for line in (out / "chosen.txt").read_text().split("\n") if line]
+for size, per_gpu, *failed in tries:
     name = f"bench-{size}-b{per_gpu}"
     if failed:
         print(f"{name}: FAILED, not counted (reported, not fatal): see {name}.log")
@@ -268,7 +266,6 @@ for line in (out / "chosen.txt").read_text().split("\n"):
         loss = p.get("loss")
         if not (p["tokens_per_s"] > 0 and loss is not None and math.isfinite(loss)):
             problems.append(f"{name}/{pname}: tokens/s {p['tokens_per_s']}, loss {loss}")
-tries = [line.split() for line in (out / "chosen.txt").read_text().split("\n")]
 chosen = dict(parts for parts in tries if len(parts) == 2)  # "size batch"; a failed try has 3
 if "400m-f8" in chosen and (f8 := out / f"bench-400m-f8-b{chosen['400m-f8']}.json").exists():
     bf16 = json.loads((out / f"bench-400m-b{chosen['400m']}.json").read_text())["placements"]
